@@ -1,0 +1,193 @@
+"""Chat tokenization with pause ids, answer-only labels, and the dataset builder.
+
+Each conversation becomes the seed's Llama 3 token sequence::
+
+    <|begin_of_text|>
+    <|start_header_id|>system<|end_header_id|>\\n\\n {system} <|eot_id|>
+    <|start_header_id|>user<|end_header_id|>\\n\\n {user} <|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n <pause ids> \\n```json ... ``` <|eot_id|>
+
+Pause tokens go in as ids (torchtune's tiktoken tokenizers would encode their
+text as plain text). The reply after them is encoded on its own and untrimmed,
+exactly as the seed's tokenizer saw it after its special tokens; torchtune's
+``tokenize_message`` would strip its leading newline.
+
+Labels follow torchtune's SFT convention (aligned with ``tokens``; recipes shift
+them): ``CROSS_ENTROPY_IGNORE_IDX`` everywhere except each assistant turn's reply
+tokens and its end-of-turn token.
+"""
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from torch.utils.data import Dataset
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
+from torchtune.datasets import PackedDataset
+
+from torchtune_blah.data.squad import (
+    MULTI_TURN_FIRST_PROMPT,
+    MULTI_TURN_SECOND_PROMPT,
+    SINGLE_TURN_PROMPT,
+    SYSTEM_PROMPT,
+    ChatMessage,
+    SquadRecord,
+    check_prompt_templates,
+    load_squad_records,
+    squad_messages,
+)
+from torchtune_blah.pause import PauseTokens, as_pause_tokens
+
+log = logging.getLogger(__name__)
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    needed = ("tokenize_message", "encode", "bos_id", "eot_id")
+    missing = [name for name in needed if not hasattr(tokenizer, name)]
+    if missing:
+        raise TypeError(
+            f"{type(tokenizer).__name__} lacks {missing}: the SQuAD chat dataset needs a Llama 3-family "
+            "torchtune tokenizer (torchtune.models.llama3.llama3_tokenizer / llama3_2 share it)."
+        )
+
+
+def answer_only_labels(tokens: Sequence[int], supervised: Sequence[bool]) -> List[int]:
+    """Labels for answer-only loss: the token where supervised, the ignore index elsewhere."""
+    return [t if s else CROSS_ENTROPY_IGNORE_IDX for t, s in zip(tokens, supervised)]
+
+
+def tokenize_chat(
+    tokenizer: Any,
+    messages: Sequence[ChatMessage],
+    pause_ids: Sequence[int] = (),
+    add_last_end: bool = True,
+) -> Tuple[List[int], List[bool]]:
+    """Token ids and a supervised-token mask for a conversation.
+
+    Args:
+        messages: system/user/assistant turns; assistant contents are the reply
+            after the pause tokens (``answer_block`` text).
+        pause_ids: inserted after every assistant header.
+        add_last_end: False leaves the last assistant turn open (no end-of-turn),
+            for prompting a model with a forced reply prefix.
+    """
+    tokens, supervised = [tokenizer.bos_id], [False]
+    for n, message in enumerate(messages):
+        if message.role != "assistant":
+            ids = tokenizer.tokenize_message(Message(role=message.role, content=message.content))
+            tokens += ids
+            supervised += [False] * len(ids)
+            continue
+        header = tokenizer.tokenize_message(Message(role="assistant", content=""), add_end_tokens=False)
+        reply = tokenizer.encode(message.content, add_bos=False, add_eos=False)
+        end = [tokenizer.eot_id] if (add_last_end or n < len(messages) - 1) else []
+        tokens += header + list(pause_ids) + reply + end
+        supervised += [False] * (len(header) + len(pause_ids)) + [True] * (len(reply) + len(end))
+    return tokens, supervised
+
+
+class SquadChatDataset(Dataset):
+    """SQuAD 2.0 as tokenized chat samples with ``tokens`` and ``labels``.
+
+    Everything is tokenized once, up front, so that examples longer than
+    ``max_seq_len`` are known (and skipped, never truncated into a wrong target)
+    before training starts. ``skipped_ids`` lists them.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        records: Sequence[SquadRecord],
+        pause: PauseTokens,
+        prompt_style: str = "single_turn",
+        max_seq_len: Optional[int] = None,
+        all_answers: bool = False,
+        **prompts: Any,
+    ):
+        _check_tokenizer(tokenizer)
+        self.pause = pause
+        self.prompt_style = prompt_style
+        self.max_seq_len = max_seq_len
+        self.records: List[SquadRecord] = []
+        self.skipped_ids: List[str] = []
+        self._samples: List[Dict[str, Any]] = []
+        for record in records:
+            tokens, supervised = tokenize_chat(
+                tokenizer, squad_messages(record, prompt_style, **prompts), pause.sequence
+            )
+            if max_seq_len is not None and len(tokens) > max_seq_len:
+                self.skipped_ids.append(record.id)
+                continue
+            sample: Dict[str, Any] = {"tokens": tokens, "labels": answer_only_labels(tokens, supervised)}
+            if all_answers:
+                sample["id"], sample["answers"] = record.id, list(record.answers)
+            self.records.append(record)
+            self._samples.append(sample)
+        if self.skipped_ids:
+            log.warning(
+                "squad_chat_dataset: skipped %d of %d examples longer than max_seq_len=%d tokens "
+                "(first ids: %s). Raise max_seq_len to keep them.",
+                len(self.skipped_ids), len(records), max_seq_len, self.skipped_ids[:5],
+            )
+        if not self._samples:
+            raise ValueError(f"every example is longer than max_seq_len={max_seq_len}; raise max_seq_len")
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        sample = self._samples[index]
+        return {k: list(v) if isinstance(v, list) else v for k, v in sample.items()}
+
+
+def squad_chat_dataset(
+    tokenizer: Any,
+    source: str = "rajpurkar/squad_v2",
+    data_files: Union[None, str, Sequence[str]] = None,
+    split: str = "train",
+    pause_tokens: Union[None, PauseTokens, Mapping[str, Any]] = None,
+    prompt_style: str = "single_turn",
+    system_prompt: Optional[str] = SYSTEM_PROMPT,
+    single_turn_prompt: str = SINGLE_TURN_PROMPT,
+    multi_turn_first_prompt: str = MULTI_TURN_FIRST_PROMPT,
+    multi_turn_second_prompt: str = MULTI_TURN_SECOND_PROMPT,
+    max_seq_len: Optional[int] = None,
+    packed: bool = False,
+    all_answers: bool = False,
+    **load_dataset_kwargs: Any,
+) -> Union[SquadChatDataset, PackedDataset]:
+    """SQuAD 2.0 as chat with pause tokens and answer-only loss (``dataset._component_``).
+
+    Args:
+        tokenizer: a Llama 3-family torchtune tokenizer (the recipe passes it).
+        source: ``"json"`` for local files (official SQuAD JSON, JSON list or JSONL
+            of ``{id?, context, question, answers}``), else a ``datasets.load_dataset``
+            name such as ``"rajpurkar/squad_v2"``.
+        data_files: path(s) for ``source: json``.
+        split: hub split (``train`` / ``validation``).
+        pause_tokens: the ``pause_tokens`` config block (``num``, ``distinct``,
+            ``mode``, ``vocab_size``, ...), a ``PauseTokens``, or None for no pause.
+        prompt_style: ``single_turn`` or ``multi_turn`` (the seed's two variants).
+        system_prompt, single_turn_prompt, multi_turn_first_prompt,
+            multi_turn_second_prompt: the seed's texts by default; ``{context}`` and
+            ``{question}`` are filled in. ``system_prompt: null`` drops the system turn.
+        max_seq_len: longer examples are skipped and counted; defaults to
+            ``tokenizer.max_seq_len``.
+        packed: wrap in torchtune's ``PackedDataset`` (needs ``max_seq_len``).
+        all_answers: add ``id`` and all gold ``answers`` to each sample (evaluation);
+            the training target is always the first gold answer.
+    """
+    check_prompt_templates(prompt_style, single_turn_prompt, multi_turn_first_prompt)
+    pause = as_pause_tokens(pause_tokens, tokenizer)
+    if max_seq_len is None:
+        max_seq_len = getattr(tokenizer, "max_seq_len", None)
+    if packed and max_seq_len is None:
+        raise ValueError("packed: true needs max_seq_len (on the dataset or the tokenizer)")
+    records = load_squad_records(source, data_files=data_files, split=split, **load_dataset_kwargs)
+    dataset = SquadChatDataset(
+        tokenizer, records, pause, prompt_style=prompt_style, max_seq_len=max_seq_len,
+        all_answers=all_answers, system_prompt=system_prompt, single_turn_prompt=single_turn_prompt,
+        multi_turn_first_prompt=multi_turn_first_prompt, multi_turn_second_prompt=multi_turn_second_prompt,
+    )
+    if packed:
+        return PackedDataset(dataset, max_seq_len=max_seq_len, padding_idx=tokenizer.pad_id, split_across_pack=False)
+    return dataset

@@ -1,0 +1,1 @@
+"""torchtune-blah's YAML configs, registered with torchtune's CLI (``tune ls``)."""

@@ -1,0 +1,1 @@
+"""torchtune-blah's recipes, registered with torchtune's CLI (``tune ls``)."""

@@ -110,14 +110,12 @@ def tiny_llama3_tokenizer(path: str, max_seq_len: Optional[int] = None):
 
 
 def tiny_llama3(tie_word_embeddings: bool = False, **overrides):
-    """A 2-layer Llama 3 decoder over the tiny vocabulary (tied like Llama 3.2, or not)."""
+    """A 2-layer Llama 3 decoder over the tiny vocabulary; tied embeddings build it as Llama 3.2."""
     from torchtune.models.llama3._component_builders import llama3
-    from torchtune.modules import TiedLinear
+    from torchtune.models.llama3_2._component_builders import llama3_2
 
-    model = llama3(vocab_size=TINY_VOCAB_SIZE, **{**TINY_MODEL_ARGS, **overrides})
-    if tie_word_embeddings:
-        model.output = TiedLinear(model.tok_embeddings)
-    return model
+    args = {"vocab_size": TINY_VOCAB_SIZE, **TINY_MODEL_ARGS, **overrides}
+    return llama3_2(**args, tie_word_embeddings=True) if tie_word_embeddings else llama3(**args)
 
 
 def tiny_qlora_llama3(lora_rank: int = 8, lora_alpha: float = 16, **overrides):

@@ -32,9 +32,12 @@ class RecipeEntry:
     configs: List[Tuple[str, str]] = field(default_factory=list)
 
 
-# The two-phase training recipe (blah_qlora) and the evaluation recipe
-# (blah_eval) are added here together with their files.
-RECIPES: List[RecipeEntry] = []
+# Each recipe lands here with its file; the evaluation recipe (blah_eval) comes next.
+RECIPES: List[RecipeEntry] = [
+    RecipeEntry("blah_qlora", "blah_qlora.py", [
+        ("demo_cpu_blah", "demo_cpu_blah.yaml"),
+    ]),
+]
 
 
 def _package_dir(package: str) -> str:

@@ -20,13 +20,14 @@ The method in three pieces:
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torchtune_blah.checkpointing import atomic_write
 
 PAUSE_MODES = ("append", "reserved")
 INIT_METHODS = ("mean", "normal", "copy")
@@ -327,19 +328,9 @@ def save_pause_embeddings(module: PauseEmbedding, path: str) -> str:
 
     if os.path.isdir(path):
         path = os.path.join(path, PAUSE_EMBEDDINGS_FILE)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tensor = module.pause_weight.detach().to("cpu").contiguous()
     metadata = _metadata(module.pause, module.embedding_dim, module.num_embeddings)
-    fd, tmp = tempfile.mkstemp(prefix=".pause_embeddings.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file({_TENSOR_KEY: tensor}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file({_TENSOR_KEY: tensor}, tmp, metadata=metadata))
     return path
 
 

@@ -118,11 +118,62 @@ def tiny_llama3(tie_word_embeddings: bool = False, **overrides):
     return llama3_2(**args, tie_word_embeddings=True) if tie_word_embeddings else llama3(**args)
 
 
-def tiny_qlora_llama3(lora_rank: int = 8, lora_alpha: float = 16, **overrides):
-    """The tiny decoder with NF4 base weights and LoRA on every linear layer (as the seed)."""
+def tiny_qlora_llama3(
+    lora_attn_modules=("q_proj", "k_proj", "v_proj", "output_proj"),
+    apply_lora_to_mlp: bool = True,
+    apply_lora_to_output: bool = True,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    quantize_base: bool = True,
+    **overrides,
+):
+    """The tiny decoder with NF4 base weights and LoRA (default: every linear layer, as the seed)."""
     from torchtune.models.llama3._component_builders import lora_llama3
 
-    args = dict(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-                apply_lora_to_output=True, vocab_size=TINY_VOCAB_SIZE, lora_rank=lora_rank,
-                lora_alpha=lora_alpha, lora_dropout=0.0, quantize_base=True, **TINY_MODEL_ARGS)
-    return lora_llama3(**{**args, **overrides})
+    return lora_llama3(
+        lora_attn_modules=list(lora_attn_modules), apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output, vocab_size=TINY_VOCAB_SIZE, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, quantize_base=quantize_base,
+        **{**TINY_MODEL_ARGS, **overrides},
+    )
+
+
+def write_tiny_hf_checkpoint(checkpoint_dir: str, seed: int = 0) -> str:
+    """A random-initialised tiny Llama 3 in Hugging Face's layout (``model.safetensors`` +
+    ``config.json``), as ``tune download`` would leave a real one. Deterministic for a
+    seed, made once (existing files are kept), and it leaves the global RNG untouched."""
+    import torch
+    from safetensors.torch import save_file
+    from torchtune.models.convert_weights import tune_to_hf
+
+    from torchtune_blah.checkpointing import atomic_json, atomic_write
+
+    config_path = os.path.join(checkpoint_dir, "config.json")
+    if os.path.isfile(config_path) and os.path.isfile(os.path.join(checkpoint_dir, "model.safetensors")):
+        return checkpoint_dir
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tiny_llama3()
+    args = TINY_MODEL_ARGS
+    hf = tune_to_hf({k: v.contiguous() for k, v in model.state_dict().items()},
+                    num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], dim=args["embed_dim"])
+    atomic_write(os.path.join(checkpoint_dir, "model.safetensors"),
+                 lambda tmp: save_file(hf, tmp, metadata={"format": "pt"}))
+    atomic_json({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": args["embed_dim"], "intermediate_size": args["intermediate_dim"],
+        "num_hidden_layers": args["num_layers"], "num_attention_heads": args["num_heads"],
+        "num_key_value_heads": args["num_kv_heads"], "max_position_embeddings": args["max_seq_len"],
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32",
+    }, config_path)
+    return checkpoint_dir
+
+
+def tiny_llama3_checkpointer(checkpoint_dir: str, output_dir: str, seed: int = 0, **kwargs):
+    """torchtune's ``FullModelHFCheckpointer`` over the tiny base model, created on first use."""
+    from torchtune.training import FullModelHFCheckpointer
+
+    write_tiny_hf_checkpoint(checkpoint_dir, seed=seed)
+    return FullModelHFCheckpointer(checkpoint_dir=checkpoint_dir, checkpoint_files=["model.safetensors"],
+                                   model_type="LLAMA3", output_dir=output_dir, **kwargs)

@@ -191,3 +191,11 @@ def squad_chat_dataset(
     if packed:
         return PackedDataset(dataset, max_seq_len=max_seq_len, padding_idx=tokenizer.pad_id, split_across_pack=False)
     return dataset
+
+
+def squad_sample_dataset(tokenizer: Any, **kwargs: Any) -> Union[SquadChatDataset, PackedDataset]:
+    """``squad_chat_dataset`` over the bundled real SQuAD 2.0 slice (626 questions,
+    official format, CC BY-SA 4.0): the CPU demo's data, no download needed."""
+    from torchtune_blah.tiny import squad_sample_path
+
+    return squad_chat_dataset(tokenizer, source="json", data_files=squad_sample_path(), **kwargs)

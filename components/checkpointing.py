@@ -1,0 +1,89 @@
+"""Atomic files and the resumable state of a training phase.
+
+Every file a run writes goes through ``atomic_write``: written beside its final
+name, flushed, fsynced, then renamed over it. A run killed at any moment leaves
+either the previous file or the new one, never half of one, so a resumed run
+never mistakes a torn file for a checkpoint.
+
+Layout of a phase directory (``output_dir/<phase>/``)::
+
+    checkpoint/training_state.pt   resumable state, rewritten every save_every_n_steps
+    phase_complete.json            written last: the phase finished, its artifacts are final
+"""
+
+import json
+import os
+import tempfile
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+TRAINING_STATE_FILE = os.path.join("checkpoint", "training_state.pt")
+PHASE_COMPLETE_FILE = "phase_complete.json"
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)``, then move the finished file to ``path`` in one rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str) -> str:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json(obj: Any, path: str) -> str:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    return atomic_write(path, write)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(phase_dir: str, state: Dict[str, Any]) -> str:
+    return atomic_torch_save(state, os.path.join(phase_dir, TRAINING_STATE_FILE))
+
+
+def load_training_state(phase_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(phase_dir, TRAINING_STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def phase_complete(phase_dir: str) -> Optional[Dict[str, Any]]:
+    """The completion record of a finished phase, or None."""
+    path = os.path.join(phase_dir, PHASE_COMPLETE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def mark_phase_complete(phase_dir: str, record: Dict[str, Any]) -> str:
+    return atomic_json(record, os.path.join(phase_dir, PHASE_COMPLETE_FILE))

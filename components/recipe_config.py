@@ -1,0 +1,148 @@
+"""Config checks for ``blah_qlora``, run before any weights load.
+
+Every error names the config key and says how to fix it: a typo in a phase
+block or a pause-embeddings file from another run should cost seconds, not the
+minutes of loading an 8B model.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig
+
+from torchtune_blah.checkpointing import phase_complete
+from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, read_pause_embeddings
+
+PHASES = ("embed", "lora")
+PHASE_KEYS = {
+    "epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "optimizer", "lr_scheduler",
+    "clip_grad_norm", "save_every_n_steps", "train_pause_embeddings",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _is_inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent + os.sep)
+
+
+def base_model_config(cfg: DictConfig) -> Optional[dict]:
+    """The base checkpoint's Hugging Face ``config.json``, when there is one to read."""
+    directory = cfg.checkpointer.get("checkpoint_dir")
+    path = os.path.join(str(directory), "config.json") if directory else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def check_phases(cfg: DictConfig) -> list:
+    phases = cfg.get("phases")
+    if not isinstance(phases, (list, ListConfig)) or not phases:
+        raise ConfigError(f"phases must be a non-empty list drawn from {list(PHASES)}, got {phases!r}")
+    phases = [str(p) for p in phases]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise ConfigError(f"phases: unknown phase {unknown[0]!r}; the phases are {list(PHASES)}")
+    if len(set(phases)) != len(phases) or phases != sorted(phases, key=PHASES.index):
+        raise ConfigError(f"phases must list each phase once, embed before lora; got {phases}")
+    for phase in phases:
+        block = cfg.get(phase)
+        if not isinstance(block, (dict, DictConfig)):
+            raise ConfigError(f"phase {phase!r} is selected but the config has no '{phase}:' block")
+        unknown_keys = sorted(set(block.keys()) - PHASE_KEYS)
+        if unknown_keys:
+            raise ConfigError(f"{phase}.{unknown_keys[0]} is not a phase setting; known: {sorted(PHASE_KEYS)}")
+        if "optimizer" not in block:
+            raise ConfigError(f"{phase}.optimizer is missing")
+        for key in ("batch_size", "gradient_accumulation_steps", "epochs"):
+            value = block.get(key, 1)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{phase}.{key} must be an integer >= 1, got {value!r}")
+        for key in ("max_steps", "save_every_n_steps"):
+            value = block.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{phase}.{key} must be null or an integer >= 1, got {value!r}")
+        if phase == "embed" and block.get("train_pause_embeddings") is not None:
+            raise ConfigError("embed.train_pause_embeddings: the embed phase always trains them; remove the key")
+    return phases
+
+
+def check_pause_file(path: str, pause: PauseTokens, dim: Optional[int], key: str = "pause_embeddings_path") -> None:
+    if os.path.isdir(path):
+        path = os.path.join(path, PAUSE_EMBEDDINGS_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: {path} does not exist; point it at the embed phase's output "
+                          f"(<output_dir>/embed/{PAUSE_EMBEDDINGS_FILE})")
+    _, meta = read_pause_embeddings(path)
+    wrong = []
+    if meta["mode"] != pause.mode:
+        wrong.append(f"pause_tokens.mode: file has {meta['mode']!r}, config has {pause.mode!r}")
+    if meta["num"] != pause.num or len(meta["ids"]) != len(pause.ids):
+        wrong.append(f"pause_tokens.num / distinct: file has {meta['num']} tokens on {len(meta['ids'])} rows, "
+                     f"config has {pause.num} on {len(pause.ids)}")
+    elif meta["ids"] != list(pause.ids):
+        wrong.append(f"pause token ids: file has {meta['ids']}, config gives {list(pause.ids)}")
+    if dim is not None and meta["dim"] != dim:
+        wrong.append(f"embedding dim: file has {meta['dim']}, the base model has {dim}")
+    if wrong:
+        raise ConfigError(f"{key}: {path} does not match this config:\n  " + "\n  ".join(wrong))
+
+
+def check_qlora_config(cfg: DictConfig, pause: PauseTokens) -> list:
+    """Validate a ``blah_qlora`` config; returns the phases to run."""
+    phases = check_phases(cfg)
+    for key in ("output_dir", "model", "tokenizer", "checkpointer", "dataset"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key} is missing from the config")
+    checkpoint_dir = cfg.checkpointer.get("checkpoint_dir")
+    if checkpoint_dir and _is_inside(str(cfg.output_dir), str(checkpoint_dir)):
+        raise ConfigError(f"output_dir ({cfg.output_dir}) is inside checkpointer.checkpoint_dir ({checkpoint_dir}); "
+                          "choose an output_dir outside the base model's folder")
+
+    base = base_model_config(cfg)
+    dim = base.get("hidden_size") if base else None
+    if base and pause.mode == "append" and pause.num and base.get("vocab_size") != pause.vocab_size:
+        raise ConfigError(f"pause_tokens.vocab_size={pause.vocab_size} but the base model has "
+                          f"vocab_size={base.get('vocab_size')} ({checkpoint_dir}/config.json); "
+                          f"set pause_tokens.vocab_size={base.get('vocab_size')}")
+
+    if "embed" in phases and pause.num == 0:
+        raise ConfigError("phases includes 'embed' but pause_tokens.num is 0: there is nothing to train. "
+                          "Set pause_tokens.num, or phases=[lora] for plain answer-only QLoRA SFT")
+    path = cfg.get("pause_embeddings_path")
+    if path and "embed" in phases:
+        raise ConfigError("pause_embeddings_path is for phases=[lora] alone; the embed phase of this run writes "
+                          "its own. Remove one of them")
+    if phases == ["lora"] and pause.num > 0:
+        if path:
+            check_pause_file(str(path), pause, dim)
+        elif not cfg.lora.get("train_pause_embeddings", False):
+            raise ConfigError(
+                f"phases=[lora] with {pause.num} pause tokens needs pause_embeddings_path=<run>/embed "
+                "(the embed phase's output); frozen pause rows would stay at their initial values. "
+                "Or set lora.train_pause_embeddings=true, or pause_tokens.num=0 for plain SFT")
+    if phases == ["lora"] and pause.num == 0 and path:
+        raise ConfigError("pause_embeddings_path is set but pause_tokens.num is 0; remove one of them")
+
+    resume = bool(cfg.get("resume_from_checkpoint", False))
+    started = [p for p in phases if os.path.isdir(os.path.join(str(cfg.output_dir), p))
+               and os.listdir(os.path.join(str(cfg.output_dir), p))]
+    if started and not resume:
+        raise ConfigError(
+            f"{os.path.join(str(cfg.output_dir), started[0])} already holds a run. Set resume_from_checkpoint=true "
+            "to continue it, or choose another output_dir (nothing is overwritten)")
+    if resume and not started:
+        raise ConfigError(f"resume_from_checkpoint=true but {cfg.output_dir} holds no phase of this run to resume")
+    if resume:
+        for phase in phases:
+            done = phase_complete(os.path.join(str(cfg.output_dir), phase))
+            if done and phase == "embed" and done.get("pause_ids") != list(pause.ids):
+                raise ConfigError(f"resume_from_checkpoint: {cfg.output_dir}/embed was trained with pause ids "
+                                  f"{done.get('pause_ids')}, the config gives {list(pause.ids)}")
+    return phases
+

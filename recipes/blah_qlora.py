@@ -1,0 +1,347 @@
+# torchtune-blah: the two-phase pause-token recipe.
+#
+#   tune run blah_qlora --config llama3_8b_blah
+#
+# Phase "embed" trains only the pause-token input embeddings (5 x 4096 = 20,480
+# parameters on Llama 3 8B) with the NF4 base and the LoRA adapters frozen and
+# switched off: the model learns to think before it learns to speak. Phase
+# "lora" loads them, freezes them (as the seed did) and trains QLoRA adapters.
+# With pause_tokens.num=0 and phases=[lora] this is plain answer-only QLoRA SFT.
+#
+# The training loop follows torchtune's lora_finetune_single_device step for step
+# (same loss normalisation, data order and RNG use), so with zero pause tokens
+# both recipes log the same losses (tests/test_recipe_parity.py).
+#
+# Outputs (the evaluation recipe reads exactly this layout):
+#   output_dir/blah_config.yaml                     the resolved config of the run
+#   output_dir/embed/pause_embeddings.safetensors   after embed (+ phase_complete.json)
+#   output_dir/lora/adapter_model.safetensors       after lora, PEFT layout, with adapter_config.json
+#   output_dir/lora/pause_embeddings.safetensors    the pause rows the adapter was trained with
+#   output_dir/lora/model-*.safetensors             merged model, unless save_adapter_weights_only
+#   output_dir/<phase>/checkpoint/training_state.pt while a phase runs: what resume_from_checkpoint reads
+
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config, modules, training, utils
+from torchtune.config._utils import _get_component_from_path
+from torchtune.data import padded_collate_packed
+from torchtune.modules.peft import disable_adapter, get_merged_lora_ckpt
+from torchtune.recipe_interfaces import FTRecipeInterface
+from tqdm import tqdm
+
+from torchtune_blah.checkpointing import (
+    atomic_write,
+    load_training_state,
+    mark_phase_complete,
+    phase_complete,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
+from torchtune_blah.model import adapter_parameter_names, build_model, lora_settings
+from torchtune_blah.pause import as_pause_tokens, load_pause_embeddings, save_pause_embeddings
+from torchtune_blah.recipe_config import check_qlora_config
+
+log = utils.get_logger("INFO")
+
+
+class TrainingStopped(RuntimeError):
+    """A phase stopped on a non-finite loss; the last good checkpoint is kept."""
+
+
+class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
+    """Two phases, one model: pause embeddings first, then QLoRA adapters. Single device."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if self._dtype == torch.float16:
+            raise ValueError("fp16 is not supported by blah_qlora; use bf16 or fp32")
+        # The tokenizer is cheap and the pause spec needs it (reserved ids): build both,
+        # then check the whole config before any weights load.
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._pause = as_pause_tokens(cfg.get("pause_tokens"), self._tokenizer)
+        self._phases = check_qlora_config(cfg, self._pause)
+        self._output_dir = str(cfg.output_dir)
+        self._resume = bool(cfg.get("resume_from_checkpoint", False))
+        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and self._device.type == "cuda"
+        self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
+        self._phase_cfgs = {phase: cfg[phase] for phase in self._phases}
+        self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        os.makedirs(self._output_dir, exist_ok=True)
+        atomic_write(os.path.join(self._output_dir, "blah_config.yaml"), lambda tmp: OmegaConf.save(cfg, tmp))
+        self._metric_logger = config.instantiate(cfg.metric_logger)
+        self._metric_logger.log_config(cfg)
+
+        # torchtune's checkpointer loads the base model; its output_dir is a staging
+        # area from which the final artifacts are moved into output_dir/<phase>/.
+        self._staging_dir = os.path.join(self._output_dir, ".checkpointer")
+        self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=self._staging_dir)
+        base_state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._model, self._pause_module = build_model(
+            cfg.model, base_state_dict, self._pause, self._device, self._dtype,
+            pause_init=cfg.get("pause_init"), tokenizer=self._tokenizer,
+        )
+        del base_state_dict
+        self._adapter_names = adapter_parameter_names(self._model)
+        if "lora" in self._phases:
+            self._lora_settings = lora_settings(self._model)
+        if cfg.get("pause_embeddings_path"):
+            load_pause_embeddings(self._pause_module, str(cfg.pause_embeddings_path))
+            log.info(f"Loaded pause embeddings from {cfg.pause_embeddings_path}")
+        if cfg.get("compile", False):
+            training.compile_model(self._model)
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(self._model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        self._activations_ctx = training.get_act_offloading_ctx_manager(
+            self._model, cfg.get("enable_activation_offloading", False))
+
+        self._loss_fn = config.instantiate(cfg.loss)
+        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
+        self._packed = cfg.dataset.get("packed", False)
+        self._collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
+        self._shuffle = cfg.get("shuffle", True)
+        log.info(f"blah_qlora: phases {self._phases}, {len(self._dataset)} training samples, "
+                 f"{self._pause.num} pause tokens {list(self._pause.names)[:5]} ({self._pause.mode} ids "
+                 f"{list(self._pause.ids)[:5]})")
+
+    def _dataloader(self, batch_size: int) -> StatefulDataLoader:
+        sampler = StatefulDistributedSampler(self._dataset, num_replicas=1, rank=0, shuffle=self._shuffle,
+                                             seed=self.seed)
+        collate = padded_collate_packed if self._packed else partial(
+            self._collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
+        return StatefulDataLoader(self._dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                  drop_last=True)
+
+    def _set_trainable(self, phase: str, train_pause: bool) -> Dict[str, torch.nn.Parameter]:
+        """Freeze everything, then unfreeze what this phase trains."""
+        wanted = set(self._adapter_names) if phase == "lora" else set()
+        if self._pause_module is not None and (phase == "embed" or train_pause):
+            wanted.add("tok_embeddings.pause_weight")
+        trainable = {}
+        for name, param in self._model.named_parameters():
+            param.requires_grad_(name in wanted)
+            if name in wanted:
+                trainable[name] = param
+        return trainable
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> None:
+        for phase in self._phases:
+            phase_dir = os.path.join(self._output_dir, phase)
+            done = phase_complete(phase_dir)
+            if done:
+                log.info(f"{phase}: already complete ({done['steps']} steps), loading its outputs")
+                self._load_finished_phase(phase, phase_dir)
+                continue
+            self._train_phase(phase, phase_dir, self._phase_cfgs[phase])
+
+    def _load_finished_phase(self, phase: str, phase_dir: str) -> None:
+        if self._pause_module is not None:
+            load_pause_embeddings(self._pause_module, phase_dir)
+        # A finished lora phase is the last one: nothing after it needs its adapter in memory.
+
+    def _train_phase(self, phase: str, phase_dir: str, pcfg: DictConfig) -> None:
+        train_pause = phase == "embed" or bool(pcfg.get("train_pause_embeddings", False))
+        trainable = self._set_trainable(phase, train_pause)
+        num_trainable = sum(p.numel() for p in trainable.values())
+        detail = (f" ({len(self._pause.ids)} pause rows x {self._pause_module.embedding_dim})"
+                  if phase == "embed" else "")
+        log.info(f"{phase}: {num_trainable:,} trainable parameters{detail}; everything else frozen")
+
+        batch_size = pcfg.get("batch_size", 1)
+        accum = pcfg.get("gradient_accumulation_steps", 1)
+        epochs = pcfg.get("epochs", 1)
+        dataloader = self._dataloader(batch_size)
+        steps_per_epoch = len(dataloader) // accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"{phase}: {len(self._dataset)} samples make no full step of batch_size {batch_size} "
+                             f"x gradient_accumulation_steps {accum}")
+        total_steps = epochs * steps_per_epoch
+        if pcfg.get("max_steps") is not None:
+            total_steps = min(total_steps, pcfg.max_steps)
+        optimizer = config.instantiate(pcfg.optimizer, list(trainable.values()))
+        lr_cfg = pcfg.get("lr_scheduler")
+        scheduler = (config.instantiate(lr_cfg, optimizer, num_training_steps=total_steps, last_epoch=-1)
+                     if lr_cfg is not None else None)
+        clip = pcfg.get("clip_grad_norm", None)
+        save_every = pcfg.get("save_every_n_steps")
+        ignore_labels = torch.full((batch_size, 1), self._loss_fn.ignore_index, device=self._device)
+
+        step, epoch, restored_rng, dl_state = 0, 0, None, None
+        state = load_training_state(phase_dir) if self._resume else None
+        if state is not None:
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    trainable[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["lr_scheduler"])
+            step, epoch, dl_state, restored_rng = state["step"], state["epoch"], state["dataloader"], state["rng"]
+            log.info(f"{phase}: resuming at step {step} of {total_steps} (epoch {epoch + 1})")
+
+        def save_state(next_epoch: int, dataloader_state: Optional[Dict[str, Any]]) -> None:
+            save_training_state(phase_dir, {
+                "phase": phase, "step": step, "epoch": next_epoch, "dataloader": dataloader_state,
+                "trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(), "seed": self.seed,
+            })
+
+        # The embed phase trains the input side only: LoRA layers are switched off (not just frozen).
+        adapters_off = disable_adapter(self._model) if phase == "embed" and self._adapter_names else nullcontext()
+        with adapters_off:
+            while step < total_steps and epoch < epochs:
+                dataloader.sampler.set_epoch(epoch)
+                if dl_state is not None:
+                    dataloader.load_state_dict(dl_state)
+                    dl_state = None
+                batches = iter(dataloader)
+                if restored_rng is not None:  # after iter(): creating an iterator draws from the RNG
+                    set_rng_state(restored_rng)
+                    restored_rng = None
+                step = self._train_epoch(phase, phase_dir, batches, dataloader, optimizer, scheduler, trainable,
+                                         accum, clip, step, total_steps, epoch, ignore_labels, save_every,
+                                         save_state)
+                epoch += 1
+                if step < total_steps:
+                    save_state(epoch, None)
+
+        self._finish_phase(phase, phase_dir, step, trainable)
+
+    def _train_epoch(self, phase, phase_dir, batches, dataloader, optimizer, scheduler, trainable, accum, clip,
+                     step, total_steps, epoch, ignore_labels, save_every, save_state) -> int:
+        pbar = tqdm(total=total_steps, initial=step, desc=f"{phase} epoch {epoch + 1}", dynamic_ncols=True)
+        # An epoch's leftover micro-batches (fewer than gradient_accumulation_steps) are
+        # dropped, not carried into the next epoch's first step: resuming at an epoch
+        # boundary then gives exactly the uninterrupted run.
+        optimizer.zero_grad(set_to_none=True)
+        t0, running_loss, num_tokens = time.perf_counter(), 0, 0
+        for idx, batch in enumerate(batches):
+            utils.batch_to_device(batch, self._device)
+            current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
+            num_tokens += current_num_tokens
+            current_loss = self._loss_step(batch, ignore_labels) * current_num_tokens
+            running_loss += current_loss
+            current_loss.backward()
+            if (idx + 1) % accum != 0:
+                continue
+            loss_to_log = running_loss.item() / num_tokens
+            if not math.isfinite(loss_to_log):
+                raise TrainingStopped(
+                    f"{phase}: the loss is {loss_to_log} at step {step + 1}; stopped before applying it. "
+                    f"The last good checkpoint in {phase_dir} is kept: lower the learning rate or check the "
+                    "data, then rerun with resume_from_checkpoint=true.")
+            training.scale_grads(self._model, 1 / num_tokens)
+            if clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_norm=float(clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            pbar.update(1)
+            pbar.set_description(f"{phase} {epoch + 1}|{step}|Loss: {loss_to_log}")
+            if step % self._log_every_n_steps == 0:
+                seconds = time.perf_counter() - t0
+                metrics = {f"{phase}/loss": loss_to_log, f"{phase}/lr": optimizer.param_groups[0]["lr"],
+                           f"{phase}/tokens_per_second_per_gpu": num_tokens / seconds}
+                if clip is not None:
+                    metrics[f"{phase}/grad_norm"] = grad_norm
+                if self._log_peak_memory_stats:
+                    metrics.update({f"{phase}/{k}": v for k, v in training.get_memory_stats(self._device).items()})
+                self._metric_logger.log_dict(metrics, step=step)
+            running_loss, num_tokens, t0 = 0, 0, time.perf_counter()
+            if save_every and step % save_every == 0 and step < total_steps:
+                save_state(epoch, dataloader.state_dict())
+            if step >= total_steps:
+                break
+        pbar.close()
+        return step
+
+    def _loss_step(self, batch: Dict[str, torch.Tensor], ignore_labels: torch.Tensor) -> torch.Tensor:
+        labels = batch.pop("labels")
+        with self._activations_ctx:
+            logits = self._model(**batch)
+        # Shift: position i predicts token i+1 (same as torchtune's recipes).
+        labels = torch.hstack((labels[..., 1:], ignore_labels[: labels.shape[0]]))
+        if not isinstance(logits, list):
+            labels = labels.reshape(-1)
+            logits = logits.reshape(-1, logits.size(-1))
+        loss = self._loss_fn(logits, labels)
+        del logits
+        return loss
+
+    # ------------------------------------------------------------------ artifacts
+
+    def _finish_phase(self, phase: str, phase_dir: str, steps: int, trainable: Dict[str, Any]) -> None:
+        os.makedirs(phase_dir, exist_ok=True)
+        if self._pause_module is not None:
+            save_pause_embeddings(self._pause_module, phase_dir)
+        if phase == "lora":
+            self._save_adapter(phase_dir)
+        mark_phase_complete(phase_dir, {
+            "phase": phase, "steps": steps, "trainable_parameters": sum(p.numel() for p in trainable.values()),
+            "pause_ids": list(self._pause.ids), "pause_names": list(self._pause.names), "num_pause": self._pause.num,
+        })
+        shutil.rmtree(os.path.join(phase_dir, "checkpoint"), ignore_errors=True)
+        log.info(f"{phase}: done after {steps} steps; outputs in {phase_dir}")
+
+    def _save_adapter(self, phase_dir: str) -> None:
+        params = dict(self._model.named_parameters())
+        ckpt = {
+            training.ADAPTER_KEY: {n: params[n].detach().cpu() for n in self._adapter_names},
+            training.ADAPTER_CONFIG: dict(self._lora_settings),
+        }
+        if not self._save_adapter_weights_only:
+            state_dict = {k: v.cpu() for k, v in self._model.state_dict().items()}
+            ckpt[training.MODEL_KEY] = get_merged_lora_ckpt(
+                state_dict, rank=self._lora_settings["r"], alpha=self._lora_settings["lora_alpha"])
+        self._checkpointer.save_checkpoint(ckpt, epoch=0, intermediate_checkpoint=False,
+                                           adapter_only=self._save_adapter_weights_only)
+        # Move the checkpointer's files from its staging folder into lora/, one rename each.
+        staged = os.path.join(self._staging_dir, "epoch_0")
+        for name in os.listdir(staged):
+            os.replace(os.path.join(staged, name), os.path.join(phase_dir, name))
+        shutil.rmtree(self._staging_dir, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="BlahQLoRARecipeSingleDevice", cfg=cfg)
+    recipe = BlahQLoRARecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    try:
+        recipe.train()
+    except TrainingStopped as stop:
+        log.error(str(stop))
+        sys.exit(1)
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

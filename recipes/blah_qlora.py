@@ -199,9 +199,9 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
             step, epoch, dl_state, restored_rng = state["step"], state["epoch"], state["dataloader"], state["rng"]
             log.info(f"{phase}: resuming at step {step} of {total_steps} (epoch {epoch + 1})")
 
-        def save_state(next_epoch: int, dataloader_state: Optional[Dict[str, Any]]) -> None:
+        def save_state(at_step: int, next_epoch: int, dataloader_state: Optional[Dict[str, Any]]) -> None:
             save_training_state(phase_dir, {
-                "phase": phase, "step": step, "epoch": next_epoch, "dataloader": dataloader_state,
+                "phase": phase, "step": at_step, "epoch": next_epoch, "dataloader": dataloader_state,
                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -225,7 +225,7 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
                                          save_state)
                 epoch += 1
                 if step < total_steps:
-                    save_state(epoch, None)
+                    save_state(step, epoch, None)
 
         self._finish_phase(phase, phase_dir, step, trainable)
 
@@ -273,7 +273,7 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
                 self._metric_logger.log_dict(metrics, step=step)
             running_loss, num_tokens, t0 = 0, 0, time.perf_counter()
             if save_every and step % save_every == 0 and step < total_steps:
-                save_state(epoch, dataloader.state_dict())
+                save_state(step, epoch, dataloader.state_dict())
             if step >= total_steps:
                 break
         pbar.close()

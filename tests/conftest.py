@@ -38,3 +38,52 @@ def seed_prompts():
 @pytest.fixture
 def append_spec():
     return {"num": 5, "mode": "append", "vocab_size": TINY_VOCAB_SIZE}
+
+
+REPO = os.path.dirname(HERE)
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cpu_blah.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_tokenizer_path):
+    """The demo's tiny base model and tokenizer, made once per test session."""
+    from torchtune_blah.tiny import write_tiny_hf_checkpoint
+
+    base = tmp_path_factory.mktemp("tiny_base")
+    write_tiny_hf_checkpoint(str(base))
+    return {"checkpoint_dir": str(base), "tokenizer": tiny_tokenizer_path}
+
+
+def fast_overrides(output_dir, tiny_base, **extra):
+    """CLI-style overrides that make the demo config a seconds-long test run."""
+    overrides = {
+        "output_dir": str(output_dir),
+        "tokenizer.path": tiny_base["tokenizer"],
+        "tokenizer.max_seq_len": 512,
+        "checkpointer.checkpoint_dir": tiny_base["checkpoint_dir"],
+        "embed.max_steps": 6, "embed.batch_size": 2, "embed.save_every_n_steps": 2,
+        "lora.max_steps": 6, "lora.batch_size": 2, "lora.save_every_n_steps": 2,
+        "log_every_n_steps": 1,
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def demo_cfg(overrides):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.load(DEMO_CONFIG), OmegaConf.from_dotlist(overrides))
+
+
+def read_disk_log(log_dir):
+    """{metric: [values by step]} from torchtune's DiskLogger files in log_dir."""
+    metrics = {}
+    for name in sorted(os.listdir(log_dir)):
+        with open(os.path.join(log_dir, name)) as f:
+            for line in f:
+                if not line.startswith("Step "):
+                    continue
+                for item in line.split("|", 1)[1].split():
+                    key, value = item.rsplit(":", 1)
+                    metrics.setdefault(key, []).append(float(value))
+    return metrics

@@ -35,6 +35,8 @@ class RecipeEntry:
 # Each recipe lands here with its file; the evaluation recipe (blah_eval) comes next.
 RECIPES: List[RecipeEntry] = [
     RecipeEntry("blah_qlora", "blah_qlora.py", [
+        ("llama3_8b_blah", "llama3_8b_blah.yaml"),
+        ("llama3_2_1b_blah", "llama3_2_1b_blah.yaml"),
         ("demo_cpu_blah", "demo_cpu_blah.yaml"),
     ]),
 ]

@@ -1,0 +1,66 @@
+"""Every shipped config resolves: components import, phases check, optimizers build."""
+
+import inspect
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchtune import config as tt_config
+from torchtune.config._utils import _get_component_from_path
+from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
+
+from torchtune_blah._registry import RECIPES
+from torchtune_blah.pause import as_pause_tokens
+from torchtune_blah.recipe_config import check_phases
+
+from conftest import REPO
+
+CONFIGS = [(name, os.path.join(REPO, "configs", f)) for entry in RECIPES for name, f in entry.configs]
+
+
+class _Llama3SpecialTokens:
+    special_tokens = LLAMA3_SPECIAL_TOKENS
+
+
+def _components(node, path=""):
+    if isinstance(node, dict):
+        if "_component_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from _components(value, f"{path}.{key}" if path else key)
+
+
+@pytest.mark.parametrize("name, path", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_config_resolves(name, path):
+    cfg = OmegaConf.load(path)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    phases = check_phases(cfg)
+    for where, node in _components(plain):
+        target = _get_component_from_path(node["_component_"])
+        kwargs = {k: v for k, v in node.items() if k != "_component_"}
+        if where == "model":  # building an 8B model here is too much; the keys must fit its builder
+            inspect.signature(target).bind(**kwargs)
+    pause = as_pause_tokens(plain["pause_tokens"], _Llama3SpecialTokens())
+    assert pause.num == 5 and len(pause.ids) == 5
+    if pause.mode == "append":
+        assert pause.ids[0] == 128256 or name == "demo_cpu_blah"
+    else:
+        assert all(128000 <= i < 128256 for i in pause.ids)
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    for phase in phases:
+        optimizer = tt_config.instantiate(cfg[phase].optimizer, [param])
+        tt_config.instantiate(cfg[phase].lr_scheduler, optimizer, num_training_steps=100, last_epoch=-1)
+    assert cfg.dataset.pause_tokens == cfg.pause_tokens
+
+
+def test_tune_cp_copies_our_recipe_and_configs(tmp_path):
+    tune = shutil.which("tune")
+    for name, target, source in [("blah_qlora", "r.py", os.path.join(REPO, "recipes", "blah_qlora.py"))] + [
+            (n, f"{n}.yaml", p) for n, p in CONFIGS]:
+        result = subprocess.run([tune, "cp", name, target], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        with open(source) as f:
+            assert (tmp_path / target).read_text() == f.read()

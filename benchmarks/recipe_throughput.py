@@ -1,0 +1,128 @@
+"""Throughput and peak memory: torchtune's LoRA recipe vs our lora and embed phases.
+
+    python benchmarks/recipe_throughput.py [--steps 40] [--batch-size 4] [--device cpu]
+
+One command, same tiny NF4 model, tokenizer, data (the bundled SQuAD sample), seed
+and step count for all three runs, each a fresh `tune run` process:
+
+  torchtune   lora_finetune_single_device, our dataset builder, no pause tokens
+  lora        blah_qlora phases=[lora], no pause tokens (the same training)
+  embed       blah_qlora phases=[embed], 5 pause tokens: only the pause rows train,
+              the adapters are switched off
+
+Tokens/s is torchtune's own metric (tokens_per_second_per_gpu: supervised tokens
+per second), median over the steps after the first 5 (warm-up). The three runs
+see the same batches in the same order (shuffle off) with the same supervised
+tokens, so its ratios are inverse step-time ratios. Peak memory is the process's
+maximum RSS on CPU, torch's peak allocated memory on CUDA.
+Targets: lora >= 0.95x torchtune; embed step time <= lora step time.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo_cpu_blah.yaml")
+WARMUP = 5
+
+
+def configs(out_root, steps, batch_size, device, dtype):
+    with open(DEMO) as f:
+        demo = yaml.safe_load(f)
+    base = os.path.join(out_root, "tiny_base")
+    demo["tokenizer"]["path"] = os.path.join(base, "tokenizer.model")
+    demo["checkpointer"]["checkpoint_dir"] = base
+    demo.update(device=device, dtype=dtype, log_peak_memory_stats=device == "cuda", shuffle=False, seed=0)
+    demo["model"]["lora_dropout"] = 0.0
+    shared = {k: v for k, v in demo.items() if k not in ("embed", "lora", "phases", "pause_embeddings_path")}
+
+    def ours(name, phase, num_pause):
+        cfg = dict(shared, output_dir=os.path.join(out_root, name), phases=[phase])
+        cfg["pause_tokens"] = dict(demo["pause_tokens"], num=num_pause)
+        cfg["dataset"] = dict(demo["dataset"], pause_tokens=cfg["pause_tokens"])
+        cfg[phase] = dict(demo[phase], max_steps=steps, batch_size=batch_size, gradient_accumulation_steps=1,
+                          save_every_n_steps=None)
+        cfg["checkpointer"] = dict(demo["checkpointer"], output_dir=cfg["output_dir"])
+        cfg["metric_logger"] = dict(demo["metric_logger"], log_dir=os.path.join(cfg["output_dir"], "logs"))
+        return cfg
+
+    theirs = dict(shared, output_dir=os.path.join(out_root, "torchtune"), batch_size=batch_size, epochs=1,
+                  max_steps_per_epoch=steps, gradient_accumulation_steps=1, optimizer=demo["lora"]["optimizer"],
+                  lr_scheduler={"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                                "num_warmup_steps": 1},
+                  clip_grad_norm=demo["lora"]["clip_grad_norm"], enable_activation_offloading=False,
+                  save_adapter_weights_only=True)
+    theirs["pause_tokens"] = {"num": 0}
+    theirs["dataset"] = dict(demo["dataset"], pause_tokens={"num": 0})
+    theirs["checkpointer"] = dict(demo["checkpointer"], output_dir=theirs["output_dir"])
+    theirs["metric_logger"] = dict(demo["metric_logger"], log_dir=os.path.join(theirs["output_dir"], "logs"))
+    lora, embed = ours("lora", "lora", 0), ours("embed", "embed", 5)
+    lora["save_adapter_weights_only"] = True
+    return {"torchtune": ("lora_finetune_single_device", theirs), "lora": ("blah_qlora", lora),
+            "embed": ("blah_qlora", embed)}
+
+
+def read_log(log_dir, prefix):
+    rows = []
+    for name in sorted(os.listdir(log_dir)):
+        with open(os.path.join(log_dir, name)) as f:
+            for line in f:
+                if line.startswith("Step "):
+                    rows.append(dict(item.rsplit(":", 1) for item in line.split("|", 1)[1].split()))
+    return [{k[len(prefix):]: float(v) for k, v in r.items() if k.startswith(prefix)} for r in rows]
+
+
+def run(recipe, cfg, workdir):
+    path = os.path.join(workdir, os.path.basename(cfg["output_dir"]) + ".yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    proc = subprocess.Popen([shutil.which("tune"), "run", recipe, "--config", path], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        sys.exit(f"{recipe} failed:\n{output[-3000:]}")
+    return usage.ru_maxrss / 1024  # MiB
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    args = p.parse_args()
+    from torchtune_blah.tiny import TINY_MODEL_ARGS
+
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        from torchtune_blah.tiny import write_tiny_hf_checkpoint, write_tiny_tiktoken
+
+        write_tiny_hf_checkpoint(os.path.join(root, "tiny_base"))
+        write_tiny_tiktoken(os.path.join(root, "tiny_base", "tokenizer.model"))
+        for name, (recipe, cfg) in configs(root, args.steps, args.batch_size, args.device, args.dtype).items():
+            rss = run(recipe, cfg, root)
+            prefix = "" if name == "torchtune" else f"{name}/"
+            rows = read_log(cfg["metric_logger"]["log_dir"], prefix)[WARMUP:]
+            tokens_per_second = statistics.median(r["tokens_per_second_per_gpu"] for r in rows)
+            peak = rows[-1].get("peak_memory_alloc") if args.device == "cuda" else rss
+            results[name] = (tokens_per_second, peak)
+    unit = "GiB allocated" if args.device == "cuda" else "MiB max RSS"
+    print(f"tiny Llama 3 ({TINY_MODEL_ARGS['num_layers']} layers, dim {TINY_MODEL_ARGS['embed_dim']}), NF4 + LoRA, "
+          f"{args.steps} steps of batch {args.batch_size}, {args.device}/{args.dtype}, median of steps {WARMUP + 1}+")
+    for name, (tps, peak) in results.items():
+        print(f"  {name:<10} {tps:9.1f} tokens/s   peak {peak:,.2f} {unit}")
+    tt, lora, embed = (results[k][0] for k in ("torchtune", "lora", "embed"))
+    print(f"  ratio lora / torchtune tokens/s = {lora / tt:.3f}  (target >= 0.95)")
+    print(f"  ratio embed / lora step time    = {lora / embed:.3f}  (target <= 1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,12 +32,16 @@ class RecipeEntry:
     configs: List[Tuple[str, str]] = field(default_factory=list)
 
 
-# Each recipe lands here with its file; the evaluation recipe (blah_eval) comes next.
+# Each recipe lands here with its file.
 RECIPES: List[RecipeEntry] = [
     RecipeEntry("blah_qlora", "blah_qlora.py", [
         ("llama3_8b_blah", "llama3_8b_blah.yaml"),
         ("llama3_2_1b_blah", "llama3_2_1b_blah.yaml"),
         ("demo_cpu_blah", "demo_cpu_blah.yaml"),
+    ]),
+    RecipeEntry("blah_eval", "blah_eval.py", [
+        ("llama3_8b_blah_eval", "llama3_8b_blah_eval.yaml"),
+        ("demo_cpu_blah_eval", "demo_cpu_blah_eval.yaml"),
     ]),
 ]
 

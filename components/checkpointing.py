@@ -87,3 +87,11 @@ def phase_complete(phase_dir: str) -> Optional[Dict[str, Any]]:
 
 def mark_phase_complete(phase_dir: str, record: Dict[str, Any]) -> str:
     return atomic_json(record, os.path.join(phase_dir, PHASE_COMPLETE_FILE))
+
+
+def atomic_text(text: str, path: str) -> str:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)

@@ -52,3 +52,61 @@ def lora_settings(model: nn.Module) -> Dict[str, Any]:
     any_module = next(iter(modules.values()))
     return {"r": any_module.rank, "lora_alpha": any_module.alpha, "target_modules": sorted(modules),
             "peft_type": "LORA"}
+
+
+STAGES = ("base", "embed", "lora")
+
+
+def load_run_model(
+    run_cfg: DictConfig,
+    run_dir: str,
+    stage: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    staging_dir: str,
+    quantize_base: Optional[bool] = None,
+) -> Tuple[nn.Module, Optional[PauseTokens]]:
+    """The model a ``blah_qlora`` run produced, ready for inference.
+
+    ``stage``: ``base`` (no pause tokens, no adapter: the seed's "base model" row),
+    ``embed`` (base + the embed phase's pause rows) or ``lora`` (base + pause rows +
+    adapter). What the run's artifacts say (pause ids, mode, count) comes from them,
+    not from the config. ``quantize_base`` overrides the run's NF4 setting.
+    """
+    import os
+    import shutil
+
+    from torchtune_blah.pause import load_pause_embeddings, pause_tokens, pause_tokens_from_metadata, \
+        read_pause_embeddings
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    stage_dir = os.path.join(run_dir, stage)
+    pause = None
+    if stage != "base" and os.path.isfile(os.path.join(stage_dir, "pause_embeddings.safetensors")):
+        pause = pause_tokens_from_metadata(read_pause_embeddings(stage_dir)[1])
+    cfg_model = run_cfg.model.copy()
+    if quantize_base is not None and "quantize_base" in cfg_model:
+        cfg_model.quantize_base = quantize_base
+    checkpointer = config.instantiate(run_cfg.checkpointer, output_dir=staging_dir)
+    base_state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    model, pause_module = build_model(cfg_model, base_state_dict, pause or pause_tokens(num=0), device, dtype)
+    del base_state_dict
+    if pause_module is not None:
+        load_pause_embeddings(pause_module, stage_dir)
+    adapter_names = adapter_parameter_names(model)
+    if stage == "lora":
+        adapter = torch.load(os.path.join(stage_dir, "adapter_model.pt"), map_location=device, weights_only=True)
+        missing = set(adapter_names) - set(adapter)
+        unexpected = set(adapter) - set(adapter_names)
+        if missing or unexpected:
+            raise ValueError(f"{stage_dir}/adapter_model.pt does not fit the run's model: missing "
+                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        model.load_state_dict(adapter, strict=False)
+    else:  # base / embed: the LoRA layers exist in the run's model but must not act
+        for module in model.modules():
+            if hasattr(module, "disabled") and callable(getattr(module, "adapter_params", None)):
+                module.disabled = True
+    model.eval()
+    return model, pause

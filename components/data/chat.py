@@ -25,6 +25,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 from torchtune.datasets import PackedDataset
 
 from torchtune_blah.data.squad import (
+    ANSWER_PREFIX,
     MULTI_TURN_FIRST_PROMPT,
     MULTI_TURN_SECOND_PROMPT,
     SINGLE_TURN_PROMPT,
@@ -196,6 +197,31 @@ def squad_chat_dataset(
 def squad_sample_dataset(tokenizer: Any, **kwargs: Any) -> Union[SquadChatDataset, PackedDataset]:
     """``squad_chat_dataset`` over the bundled real SQuAD 2.0 slice (626 questions,
     official format, CC BY-SA 4.0): the CPU demo's data, no download needed."""
-    from torchtune_blah.tiny import squad_sample_path
+    return squad_chat_dataset(tokenizer, source="bundled_sample", **kwargs)
 
-    return squad_chat_dataset(tokenizer, source="json", data_files=squad_sample_path(), **kwargs)
+
+def answer_prompt(
+    tokenizer: Any,
+    record: SquadRecord,
+    pause_ids: Sequence[int],
+    prompt_style: str = "single_turn",
+    first_reply: Optional[str] = None,
+    **prompts: Any,
+) -> List[int]:
+    """Evaluation prompt: the conversation forced through the assistant header, the
+    pause ids and ``"\n```json"``; the model writes the rest of the JSON block.
+
+    ``multi_turn`` takes two calls: without ``first_reply`` the prompt for the yes/no
+    question; with it (the model's first reply, from ``"\n```json"`` on) the
+    conversation continued to the span question.
+    """
+    messages = squad_messages(record, prompt_style, **prompts)
+    forced = ChatMessage("assistant", ANSWER_PREFIX)
+    first_assistant = next(i for i, m in enumerate(messages) if m.role == "assistant")
+    if prompt_style == "single_turn" or first_reply is None:
+        conversation = messages[:first_assistant] + [forced]
+    else:
+        conversation = messages[:first_assistant] + [ChatMessage("assistant", first_reply)] + [
+            messages[first_assistant + 1], forced]
+    tokens, _ = tokenize_chat(tokenizer, conversation, pause_ids, add_last_end=False)
+    return tokens

@@ -257,11 +257,16 @@ def load_squad_records(
 
     Args:
         source: ``"json"`` for local files (official format, JSON list or JSONL,
-            detected per file), anything else goes to ``datasets.load_dataset``
+            detected per file), ``"bundled_sample"`` for the package's real SQuAD 2.0
+            slice (626 questions), anything else goes to ``datasets.load_dataset``
             (``"rajpurkar/squad_v2"``, ``"parquet"``, a local dataset folder...).
         data_files: file or files for ``source="json"`` (and passed on otherwise).
         split: ``"train"`` / ``"validation"`` for the hub; ignored for ``json``.
     """
+    if source == "bundled_sample":  # the real SQuAD 2.0 slice shipped with the package
+        from torchtune_blah.tiny import squad_sample_path
+
+        source, data_files = "json", squad_sample_path()
     if source == "json":
         if not data_files:
             raise ValueError("source 'json' needs data_files: a path or a list of paths")

@@ -1,0 +1,124 @@
+"""Batched greedy decoding with a KV cache and the seed's stop rule.
+
+The seed decodes one question at a time and stops after the first token whose
+text contains ``}`` (the end of the JSON answer). Here a batch of prompts is
+left-padded, pre-filled once into torchtune's KV cache, and decoded greedily,
+one token per step for the whole batch, until every row has stopped (at a
+``}`` token or end-of-turn) or ``max_new_tokens``. Pause ids are masked out of
+every step's logits, so they are never generated.
+
+While decoding, ``probe`` records each row's probability of one chosen token at
+one chosen step: evaluation uses it to read the model's probability of
+abstaining right where the answer value starts.
+"""
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
+from torchtune.modules.common_utils import local_kv_cache
+
+from torchtune_blah.pause import PauseTokens, mask_pause_logits
+
+
+def stop_token_ids(tokenizer, extra: Iterable[int] = ()) -> Set[int]:
+    """Every id whose text contains ``}``, plus ``extra`` (end-of-turn and end-of-text)."""
+    model = tokenizer.tt_model.tt_model  # the tiktoken Encoding under torchtune's tokenizer
+    ids = {i for i in range(model.n_vocab) if _has_brace(model, i)}
+    return ids | set(extra)
+
+
+def _has_brace(encoding, token_id: int) -> bool:
+    try:
+        return b"}" in encoding.decode_single_token_bytes(token_id)
+    except KeyError:  # ids between the BPE ranks and the special tokens
+        return False
+
+
+@dataclass
+class Generation:
+    tokens: List[int]  # generated ids, up to and including the stop token
+    stopped: bool  # a stop token was generated (else max_new_tokens ran out)
+    probe_prob: Optional[float] = None
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    stop_ids: Set[int],
+    max_new_tokens: int,
+    pause: Optional[PauseTokens] = None,
+    use_cache: bool = True,
+    probe: Optional[Tuple[int, int]] = None,
+) -> List[Generation]:
+    """Greedy continuations of ``prompts`` (lists of ids), batched with left padding.
+
+    ``use_cache=False`` recomputes the whole sequence at each step, one prompt at a
+    time (the seed's way; kept for the benchmark and for checking the cache).
+    ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step``.
+    """
+    if not use_cache:
+        return [_generate_one_without_cache(model, p, stop_ids, max_new_tokens, pause, probe) for p in prompts]
+    device = next(model.parameters()).device
+    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    total = prompt_len + max_new_tokens
+    tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((batch, total), dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
+        real[row, prompt_len - len(prompt):] = True
+    masks = get_causal_mask_from_padding_mask(real, target_seq_len=total)
+    positions = get_position_ids_from_padding_mask(real)
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    out = [Generation(tokens=[], stopped=False) for _ in prompts]
+    with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total):
+        logits = model(tokens, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len])[:, -1]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            next_ids = _pick(logits, pause, step, probe, out, done)
+            for row in torch.nonzero(~done).flatten().tolist():
+                out[row].tokens.append(int(next_ids[row]))
+            newly_stopped = torch.isin(next_ids, stop) & ~done
+            for row in torch.nonzero(newly_stopped).flatten().tolist():
+                out[row].stopped = True
+            done |= newly_stopped
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            pos = prompt_len + step
+            logits = model(next_ids[:, None], mask=masks[:, pos:pos + 1], input_pos=positions[:, pos:pos + 1])[:, -1]
+    return out
+
+
+def _pick(logits, pause, step, probe, out, done):
+    logits = logits.float()
+    if pause is not None:
+        mask_pause_logits(logits, pause)
+    if probe is not None and step == probe[0]:
+        probs = torch.softmax(logits, dim=-1)[:, probe[1]]
+        for row, p in enumerate(probs.tolist()):
+            if not bool(done[row]):
+                out[row].probe_prob = p
+    return logits.argmax(dim=-1)
+
+
+def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, probe) -> Generation:
+    device = next(model.parameters()).device
+    tokens = torch.tensor([list(prompt)], device=device)
+    out = Generation(tokens=[], stopped=False)
+    done = torch.zeros(1, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = model(tokens)[:, -1]
+        next_id = _pick(logits, pause, step, probe, [out], done)
+        out.tokens.append(int(next_id))
+        tokens = torch.cat([tokens, next_id[:, None]], dim=1)
+        if int(next_id) in stop_ids:
+            out.stopped = True
+            break
+    return out

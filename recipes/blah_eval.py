@@ -1,0 +1,205 @@
+# torchtune-blah: evaluate on SQuAD 2.0, the seed's way and the official way.
+#
+#   tune run blah_eval --config llama3_8b_blah_eval run_dir=/tmp/torchtune-blah/llama3_8b
+#
+# Evaluates the base model, base + pause embeddings, or base + pause embeddings +
+# adapter (stage: base | embed | lora | latest) from a blah_qlora output directory:
+# the model, tokenizer and base checkpoint come from its blah_config.yaml, the pause
+# tokens from its pause_embeddings.safetensors. Prompts are forced through the pause
+# ids and "\n```json", decoding is greedy in left-padded batches with a KV cache and
+# stops at the first "}" token; answers are parsed leniently (JSON5).
+#
+# Files in output_dir:
+#   predictions.jsonl   one line per question (appended per batch; a rerun resumes)
+#   predictions.json    {id: answer} for the official script ("" = abstain)
+#   na_probs.json       {id: P(abstain)} for the official script's best thresholds
+#   metrics.json        the seed's five numbers + the official script's keys
+#   results.md          one row in the layout of the seed's results table
+#   review_queue.jsonl  the least certain answers first, as training records to correct
+
+import json
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+from torchtune.recipe_interfaces import EvalRecipeInterface
+from tqdm import tqdm
+
+from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
+from torchtune_blah.data.squad import PROMPT_STYLES, load_squad_records
+from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
+from torchtune_blah.eval.report import format_table, results_row, review_queue
+from torchtune_blah.eval.run import abstention_probe, answer_records
+from torchtune_blah.generation import stop_token_ids
+from torchtune_blah.model import STAGES, load_run_model
+
+log = utils.get_logger("INFO")
+
+
+def _run_config(cfg: DictConfig) -> DictConfig:
+    """The blah_qlora config of run_dir, with the eval config's model/tokenizer/checkpointer on top."""
+    run_cfg = OmegaConf.create({})
+    if cfg.get("run_dir"):
+        path = os.path.join(str(cfg.run_dir), "blah_config.yaml")
+        if not os.path.isfile(path):
+            raise ValueError(f"run_dir: {path} not found; run_dir must be a blah_qlora output_dir")
+        run_cfg = OmegaConf.load(path)
+    for key in ("model", "tokenizer", "checkpointer"):
+        if cfg.get(key) is not None:
+            run_cfg[key] = cfg[key]
+        if run_cfg.get(key) is None:
+            raise ValueError(f"{key} is missing: give run_dir, or {key} in the eval config")
+    return run_cfg
+
+
+def _stage(cfg: DictConfig) -> str:
+    stage = str(cfg.get("stage", "latest"))
+    if not cfg.get("run_dir"):
+        if stage not in ("base", "latest"):
+            raise ValueError(f"stage={stage} needs run_dir (a blah_qlora output_dir)")
+        return "base"
+    finished = [s for s in ("embed", "lora") if phase_complete(os.path.join(str(cfg.run_dir), s))]
+    if stage == "latest":
+        return finished[-1] if finished else "base"
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES + ('latest',)}, got {stage!r}")
+    if stage != "base" and stage not in finished:
+        raise ValueError(f"stage={stage}: {cfg.run_dir}/{stage} holds no finished phase "
+                         f"(finished: {finished or 'none'})")
+    return stage
+
+
+class BlahEvalRecipe(EvalRecipeInterface):
+    def __init__(self, cfg: DictConfig) -> None:
+        self._cfg = cfg
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._run_cfg = _run_config(cfg)
+        self._stage = _stage(cfg)
+        run_dataset = self._run_cfg.get("dataset") or {}
+        self._prompt_style = str(cfg.get("prompt_style") or run_dataset.get("prompt_style", "single_turn"))
+        if self._prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self._prompt_style!r}")
+        self._prompts = {k: run_dataset[k] for k in ("system_prompt", "single_turn_prompt", "multi_turn_first_prompt",
+                                                     "multi_turn_second_prompt") if k in run_dataset}
+        self._output_dir = str(cfg.output_dir)
+        self._batch_size = int(cfg.get("batch_size", 8))
+        data = cfg.dataset
+        self._records = load_squad_records(data.get("source", "rajpurkar/squad_v2"), data_files=data.get("data_files"),
+                                           split=data.get("split", "validation"))
+        if data.get("shuffle_seed") is not None:
+            random.Random(int(data.shuffle_seed)).shuffle(self._records)
+        if data.get("max_examples"):
+            self._records = self._records[: int(data.max_examples)]
+        self._settings = {"run_dir": str(cfg.get("run_dir")), "stage": self._stage,
+                          "prompt_style": self._prompt_style, "batch_size": self._batch_size,
+                          "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
+                          "ids": [r.id for r in self._records]}
+
+    def load_checkpoint(self, checkpointer_cfg: DictConfig) -> Dict[str, Any]:
+        raise NotImplementedError("blah_eval loads through torchtune_blah.model.load_run_model")
+
+    def setup(self) -> None:
+        os.makedirs(self._output_dir, exist_ok=True)
+        settings_path = os.path.join(self._output_dir, "eval_settings.json")
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                previous = json.load(f)
+            if previous != self._settings:
+                changed = [k for k in self._settings if previous.get(k) != self._settings[k]]
+                raise ValueError(f"{self._output_dir} holds an evaluation with other settings ({changed}); "
+                                 "choose another output_dir to keep both")
+        atomic_json(self._settings, settings_path)
+        self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
+        self._model, self._pause = load_run_model(
+            self._run_cfg, str(self._cfg.get("run_dir") or ""), self._stage, self._device, self._dtype,
+            staging_dir=os.path.join(self._output_dir, ".checkpointer"),
+            quantize_base=self._cfg.get("quantize_base"))
+        self._stop_ids = stop_token_ids(self._tokenizer, [self._tokenizer.eot_id, self._tokenizer.eos_id])
+        self._probe = abstention_probe(self._tokenizer)
+        pause_text = f"{self._pause.num} pause tokens ({self._pause.mode})" if self._pause else "no pause tokens"
+        log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
+                 f"{len(self._records)} questions")
+
+    def _finished_batches(self, path: str) -> Dict[str, Dict[str, Any]]:
+        """Rows of batches written completely; a torn last line or a partial batch is redone."""
+        rows = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    rows[row["id"]] = row
+        batches = [self._records[i:i + self._batch_size] for i in range(0, len(self._records), self._batch_size)]
+        complete = {}
+        for batch in batches:
+            if all(r.id in rows for r in batch):
+                complete.update({r.id: rows[r.id] for r in batch})
+        return complete
+
+    def evaluate(self) -> Dict[str, Any]:
+        path = os.path.join(self._output_dir, "predictions.jsonl")
+        done = self._finished_batches(path)
+        # Rewrite the file with complete batches only (atomically), then append.
+        atomic_text("".join(json.dumps(done[r.id], ensure_ascii=False) + "\n"
+                            for r in self._records if r.id in done), path)
+        todo = [self._records[i:i + self._batch_size] for i in range(0, len(self._records), self._batch_size)]
+        todo = [b for b in todo if not all(r.id in done for r in b)]
+        if done:
+            log.info(f"Resuming: {len(done)} questions already answered in {path}")
+        pbar = tqdm(total=len(self._records), initial=len(done), unit="ex", dynamic_ncols=True)
+        start = time.perf_counter()
+        answered = 0
+        with open(path, "a", encoding="utf-8") as out:
+            for batch in todo:
+                rows = answer_records(self._model, self._tokenizer, batch, self._pause,
+                                      prompt_style=self._prompt_style, stop_ids=self._stop_ids, probe=self._probe,
+                                      max_new_tokens=self._settings["max_new_tokens"], prompts=self._prompts)
+                out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                out.flush()
+                os.fsync(out.fileno())
+                done.update({r["id"]: r for r in rows})
+                answered += len(rows)
+                pbar.update(len(rows))
+                pbar.set_postfix(ex_per_s=f"{answered / (time.perf_counter() - start):.2f}")
+        pbar.close()
+        return self._write_results([done[r.id] for r in self._records])
+
+    def _write_results(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+        out = self._output_dir
+        metrics = {
+            "stage": self._stage, "run_dir": self._settings["run_dir"], "prompt_style": self._prompt_style,
+            "num_pause_tokens": self._pause.num if self._pause else 0,
+            "seed": seed_metrics(rows),
+            "official": {**official_metrics(rows), **official_best_thresholds(rows)},
+        }
+        atomic_json(metrics, os.path.join(out, "metrics.json"))
+        atomic_json({r["id"]: r["prediction"] for r in rows}, os.path.join(out, "predictions.json"))
+        atomic_json({r["id"]: r["na_prob"] for r in rows}, os.path.join(out, "na_probs.json"))
+        name = self._cfg.get("model_name") or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
+        atomic_text(results_row(name, metrics["seed"]), os.path.join(out, "results.md"))
+        records = {r.id: r for r in self._records}
+        queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"))
+        atomic_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queue),
+                    os.path.join(out, "review_queue.jsonl"))
+        print(format_table(metrics))
+        return metrics
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="BlahEvalRecipe", cfg=cfg)
+    recipe = BlahEvalRecipe(cfg)
+    recipe.setup()
+    recipe.evaluate()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -129,6 +129,16 @@ def check_qlora_config(cfg: DictConfig, pause: PauseTokens) -> list:
     if phases == ["lora"] and pause.num == 0 and path:
         raise ConfigError("pause_embeddings_path is set but pause_tokens.num is 0; remove one of them")
 
+    validation = cfg.get("validation")
+    if validation is not None:
+        unknown = sorted(set(validation.keys()) - {"every_n_steps", "max_examples", "batch_size", "max_new_tokens"})
+        if unknown:
+            raise ConfigError(f"validation.{unknown[0]} is not a validation setting")
+        if not isinstance(validation.get("every_n_steps"), int) or validation.every_n_steps < 1:
+            raise ConfigError("validation.every_n_steps must be an integer >= 1 (or validation: null)")
+        if not cfg.dataset.get("holdout_fraction"):
+            raise ConfigError("validation needs a held-out split: set dataset.holdout_fraction (the seed: 0.005)")
+
     resume = bool(cfg.get("resume_from_checkpoint", False))
     started = [p for p in phases if os.path.isdir(os.path.join(str(cfg.output_dir), p))
                and os.listdir(os.path.join(str(cfg.output_dir), p))]

@@ -49,6 +49,9 @@ from torchtune_blah.checkpointing import (
     save_training_state,
     set_rng_state,
 )
+from torchtune_blah.eval.metrics import official_metrics, seed_metrics
+from torchtune_blah.eval.run import abstention_probe, answer_records
+from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import adapter_parameter_names, build_model, lora_settings
 from torchtune_blah.pause import as_pause_tokens, load_pause_embeddings, save_pause_embeddings
 from torchtune_blah.recipe_config import check_qlora_config
@@ -119,9 +122,42 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
         self._packed = cfg.dataset.get("packed", False)
         self._collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
         self._shuffle = cfg.get("shuffle", True)
+        self._setup_validation(cfg)
         log.info(f"blah_qlora: phases {self._phases}, {len(self._dataset)} training samples, "
                  f"{self._pause.num} pause tokens {list(self._pause.names)[:5]} ({self._pause.mode} ids "
                  f"{list(self._pause.ids)[:5]})")
+
+    def _setup_validation(self, cfg: DictConfig) -> None:
+        """In-training validation: blah_eval's answering and scoring on held-out records."""
+        self._validation = cfg.get("validation")
+        if self._validation is None:
+            return
+        held_out = config.instantiate(cfg.dataset, self._tokenizer, part="holdout", packed=False)
+        self._val_records = held_out.records[: self._validation.get("max_examples") or None]
+        self._val_stop_ids = stop_token_ids(self._tokenizer, [self._tokenizer.eot_id, self._tokenizer.eos_id])
+        self._val_probe = abstention_probe(self._tokenizer)
+        self._val_style = cfg.dataset.get("prompt_style", "single_turn")
+        log.info(f"validation: {len(self._val_records)} held-out questions every "
+                 f"{self._validation.every_n_steps} steps")
+
+    def _validate(self, phase: str, step: int) -> None:
+        batch_size = self._validation.get("batch_size", 8)
+        rows = []
+        self._model.eval()
+        for i in range(0, len(self._val_records), batch_size):
+            rows += answer_records(
+                self._model, self._tokenizer, self._val_records[i:i + batch_size],
+                self._pause if self._pause.num else None, prompt_style=self._val_style,
+                stop_ids=self._val_stop_ids, probe=self._val_probe,
+                max_new_tokens=self._validation.get("max_new_tokens", 64))
+        self._model.train()
+        seed, official = seed_metrics(rows), official_metrics(rows)
+        self._metric_logger.log_dict({
+            f"{phase}/val_exact_match": seed["pct_exact_match"], f"{phase}/val_valid_json": seed["pct_valid_json"],
+            f"{phase}/val_official_exact": official["exact"], f"{phase}/val_official_f1": official["f1"],
+        }, step=step)
+        log.info(f"{phase} step {step}: validation exact match {seed['pct_exact_match']:.2f}% "
+                 f"(official exact {official['exact']:.2f}, f1 {official['f1']:.2f})")
 
     def _dataloader(self, batch_size: int) -> StatefulDataLoader:
         sampler = StatefulDistributedSampler(self._dataset, num_replicas=1, rank=0, shuffle=self._shuffle,
@@ -271,6 +307,8 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
                 if self._log_peak_memory_stats:
                     metrics.update({f"{phase}/{k}": v for k, v in training.get_memory_stats(self._device).items()})
                 self._metric_logger.log_dict(metrics, step=step)
+            if self._validation is not None and step % self._validation.every_n_steps == 0:
+                self._validate(phase, step)
             running_loss, num_tokens, t0 = 0, 0, time.perf_counter()
             if save_every and step % save_every == 0 and step < total_steps:
                 save_state(step, epoch, dataloader.state_dict())

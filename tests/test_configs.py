@@ -19,6 +19,9 @@ from torchtune_blah.recipe_config import check_phases
 from conftest import REPO
 
 CONFIGS = [(name, os.path.join(REPO, "configs", f)) for entry in RECIPES for name, f in entry.configs]
+TRAIN_CONFIGS = [(n, p) for entry in RECIPES if entry.name == "blah_qlora" for n, p in CONFIGS
+                 if n in dict(entry.configs)]
+EVAL_CONFIGS = [(n, p) for n, p in CONFIGS if (n, p) not in TRAIN_CONFIGS]
 
 
 class _Llama3SpecialTokens:
@@ -33,8 +36,8 @@ def _components(node, path=""):
             yield from _components(value, f"{path}.{key}" if path else key)
 
 
-@pytest.mark.parametrize("name, path", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_config_resolves(name, path):
+@pytest.mark.parametrize("name, path", TRAIN_CONFIGS, ids=[c[0] for c in TRAIN_CONFIGS])
+def test_training_config_resolves(name, path):
     cfg = OmegaConf.load(path)
     plain = OmegaConf.to_container(cfg, resolve=True)
     phases = check_phases(cfg)
@@ -56,9 +59,17 @@ def test_config_resolves(name, path):
     assert cfg.dataset.pause_tokens == cfg.pause_tokens
 
 
+@pytest.mark.parametrize("name, path", EVAL_CONFIGS, ids=[c[0] for c in EVAL_CONFIGS])
+def test_eval_config_keys(name, path):
+    cfg = OmegaConf.load(path)
+    assert cfg.stage in ("base", "embed", "lora", "latest") and cfg.batch_size >= 1
+    assert {"source", "split", "max_examples", "shuffle_seed"} <= set(cfg.dataset)
+
+
 def test_tune_cp_copies_our_recipe_and_configs(tmp_path):
     tune = shutil.which("tune")
-    for name, target, source in [("blah_qlora", "r.py", os.path.join(REPO, "recipes", "blah_qlora.py"))] + [
+    for name, target, source in [("blah_qlora", "r.py", os.path.join(REPO, "recipes", "blah_qlora.py")),
+                                 ("blah_eval", "e.py", os.path.join(REPO, "recipes", "blah_eval.py"))] + [
             (n, f"{n}.yaml", p) for n, p in CONFIGS]:
         result = subprocess.run([tune, "cp", name, target], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr

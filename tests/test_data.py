@@ -282,3 +282,18 @@ def test_show_command(tokenizer, tiny_tokenizer_path, squad_path, tmp_path, caps
     assert "-- sample 3 of 626:" in out and "3 pause tokens per assistant turn" in out
     with pytest.raises(SystemExit):
         show_main(["--config", str(config), "--index", "9999"])
+
+
+def test_holdout_split_is_disjoint_seeded_and_complete(tokenizer, squad_path, append_spec):
+    kwargs = dict(source="json", data_files=squad_path, pause_tokens=append_spec, holdout_fraction=0.05,
+                  holdout_seed=42)
+    train = squad_chat_dataset(tokenizer, **kwargs)
+    held = squad_chat_dataset(tokenizer, part="holdout", **kwargs)
+    train_ids, held_ids = {r.id for r in train.records}, {r.id for r in held.records}
+    assert len(held_ids) == 31 and len(train_ids) == 626 - 31 and not train_ids & held_ids
+    again = squad_chat_dataset(tokenizer, part="holdout", **kwargs)
+    assert [r.id for r in again.records] == [r.id for r in held.records]
+    other = squad_chat_dataset(tokenizer, part="holdout", **{**kwargs, "holdout_seed": 7})
+    assert {r.id for r in other.records} != held_ids
+    with pytest.raises(ValueError, match="holds out nothing"):
+        squad_chat_dataset(tokenizer, source="json", data_files=squad_path, part="holdout")

@@ -113,7 +113,8 @@ def test_embed_loss_falls_on_a_small_repeated_set(tmp_path, tiny_base, squad_off
     overrides = fast_overrides(tmp_path / "run", tiny_base, phases="[embed]", **{
         "dataset._component_": "torchtune_blah.data.squad_chat_dataset", "dataset.source": "json",
         "dataset.data_files": str(data), "tokenizer.max_seq_len": 2048, "embed.batch_size": 4,
-        "embed.epochs": 40, "embed.max_steps": 40, "embed.optimizer.lr": 0.05, "shuffle": False})
+        "embed.epochs": 40, "embed.max_steps": 40, "embed.optimizer.lr": 0.05, "shuffle": False,
+        "validation": "null"})
     _run_in_process(overrides)
     losses = read_disk_log(str(tmp_path / "run" / "logs"))["embed/loss"]
     assert len(losses) == 40
@@ -179,3 +180,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     state = torch.load(tmp_path / "run" / "embed" / TRAINING_STATE_FILE, weights_only=False)
     assert state["step"] == 4 and torch.isfinite(state["trainable"]["tok_embeddings.pause_weight"]).all()
     assert not (tmp_path / "run" / "embed" / "phase_complete.json").exists()
+
+
+def test_in_training_validation_logs_exact_match(tmp_path, tiny_base):
+    _run_in_process(fast_overrides(tmp_path / "run", tiny_base, phases="[lora]", **{
+        "pause_tokens.num": 0, "validation.every_n_steps": 3, "validation.max_examples": 4,
+        "validation.max_new_tokens": 8}))
+    metrics = read_disk_log(str(tmp_path / "run" / "logs"))
+    assert len(metrics["lora/val_exact_match"]) == 2  # steps 3 and 6
+    assert all(0.0 <= v <= 100.0 for v in metrics["lora/val_official_f1"])
+    with pytest.raises(ConfigError, match="validation needs a held-out split"):
+        _recipe(fast_overrides(tmp_path / "other", tiny_base, **{"dataset.holdout_fraction": 0.0}))

@@ -18,6 +18,7 @@ tokens and its end-of-turn token.
 """
 
 import logging
+import random
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import Dataset
@@ -154,6 +155,9 @@ def squad_chat_dataset(
     max_seq_len: Optional[int] = None,
     packed: bool = False,
     all_answers: bool = False,
+    holdout_fraction: float = 0.0,
+    holdout_seed: int = 42,
+    part: str = "train",
     **load_dataset_kwargs: Any,
 ) -> Union[SquadChatDataset, PackedDataset]:
     """SQuAD 2.0 as chat with pause tokens and answer-only loss (``dataset._component_``).
@@ -176,6 +180,10 @@ def squad_chat_dataset(
         packed: wrap in torchtune's ``PackedDataset`` (needs ``max_seq_len``).
         all_answers: add ``id`` and all gold ``answers`` to each sample (evaluation);
             the training target is always the first gold answer.
+        holdout_fraction, holdout_seed: set aside this fraction of the records (a
+            seeded random choice; the seed held out 0.5% with seed 42) for validation
+            during training; ``part: train`` (default) gives the rest, ``part:
+            holdout`` the held-out records.
     """
     check_prompt_templates(prompt_style, single_turn_prompt, multi_turn_first_prompt)
     pause = as_pause_tokens(pause_tokens, tokenizer)
@@ -184,6 +192,7 @@ def squad_chat_dataset(
     if packed and max_seq_len is None:
         raise ValueError("packed: true needs max_seq_len (on the dataset or the tokenizer)")
     records = load_squad_records(source, data_files=data_files, split=split, **load_dataset_kwargs)
+    records = holdout_split(records, holdout_fraction, holdout_seed, part)
     dataset = SquadChatDataset(
         tokenizer, records, pause, prompt_style=prompt_style, max_seq_len=max_seq_len,
         all_answers=all_answers, system_prompt=system_prompt, single_turn_prompt=single_turn_prompt,
@@ -192,6 +201,19 @@ def squad_chat_dataset(
     if packed:
         return PackedDataset(dataset, max_seq_len=max_seq_len, padding_idx=tokenizer.pad_id, split_across_pack=False)
     return dataset
+
+
+def holdout_split(records: Sequence[SquadRecord], fraction: float, seed: int, part: str) -> List[SquadRecord]:
+    """The records of ``part`` ("train" or "holdout") when ``fraction`` of them are held out."""
+    if part not in ("train", "holdout"):
+        raise ValueError(f"part must be 'train' or 'holdout', got {part!r}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    count = round(fraction * len(records))
+    if part == "holdout" and count == 0:
+        raise ValueError(f"holdout_fraction={fraction} of {len(records)} records holds out nothing; raise it")
+    held = set(random.Random(seed).sample(range(len(records)), count))
+    return [r for i, r in enumerate(records) if (i in held) == (part == "holdout")]
 
 
 def squad_sample_dataset(tokenizer: Any, **kwargs: Any) -> Union[SquadChatDataset, PackedDataset]:

@@ -55,7 +55,8 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
     from torchtune_blah.pause import mask_pause_logits
 
     device = next(model.parameters()).device
-    logits = model(torch.tensor([prompt + list(probe.scaffold)], device=device))[:, -1].float()
+    output = model(torch.tensor([prompt + list(probe.scaffold)], device=device))
+    logits = (output[-1] if isinstance(output, list) else output)[:, -1].float()
     if pause is not None:
         mask_pause_logits(logits, pause)
     return float(torch.softmax(logits, dim=-1)[0, probe.token])

@@ -13,6 +13,7 @@
 #   predictions.jsonl   one line per question (appended per batch; a rerun resumes)
 #   predictions.json    {id: answer} for the official script ("" = abstain)
 #   na_probs.json       {id: P(abstain)} for the official script's best thresholds
+#   eval_data.json      the evaluated questions in the official format (the script's data file)
 #   metrics.json        the seed's five numbers + the official script's keys
 #   results.md          one row in the layout of the seed's results table
 #   review_queue.jsonl  the least certain answers first, as training records to correct
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
 from torchtune_blah.data.squad import PROMPT_STYLES, load_squad_records
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
-from torchtune_blah.eval.report import format_table, results_row, review_queue
+from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import STAGES, load_run_model
@@ -183,6 +184,9 @@ class BlahEvalRecipe(EvalRecipeInterface):
         atomic_json(metrics, os.path.join(out, "metrics.json"))
         atomic_json({r["id"]: r["prediction"] for r in rows}, os.path.join(out, "predictions.json"))
         atomic_json({r["id"]: r["na_prob"] for r in rows}, os.path.join(out, "na_probs.json"))
+        # The evaluated questions in the official format, so the official script can score
+        # exactly this set (it expects a prediction for every question of its data file).
+        atomic_json(official_data(self._records), os.path.join(out, "eval_data.json"))
         name = self._cfg.get("model_name") or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
         atomic_text(results_row(name, metrics["seed"]), os.path.join(out, "results.md"))
         records = {r.id: r for r in self._records}

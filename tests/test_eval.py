@@ -135,7 +135,7 @@ def test_resume_after_interruption_gives_the_same_files(trained_run, tmp_path, m
     recipe.setup()
     recipe.evaluate()
     for name in ("predictions.jsonl", "predictions.json", "na_probs.json", "metrics.json", "results.md",
-                 "review_queue.jsonl"):
+                 "review_queue.jsonl", "eval_data.json"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
 
     with pytest.raises(ValueError, match="holds an evaluation with other settings"):

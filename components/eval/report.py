@@ -60,3 +60,11 @@ def review_queue(rows: List[Mapping[str, Any]], records: Mapping[str, Any], limi
             "review_reason": reason,
         })
     return queue
+
+
+def official_data(records) -> Dict[str, Any]:
+    """Records in the official SQuAD 2.0 layout (one paragraph per question)."""
+    return {"version": "v2.0", "data": [{"title": "blah_eval", "paragraphs": [
+        {"context": r.context, "qas": [{"id": r.id, "question": r.question, "is_impossible": not r.answers,
+                                        "answers": [{"text": a} for a in r.answers]}]}
+        for r in records]}]}

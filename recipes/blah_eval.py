@@ -38,6 +38,7 @@ from torchtune_blah.eval.report import format_table, official_data, results_row,
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import STAGES, load_run_model
+from torchtune_blah.pause import read_pause_embeddings
 
 log = utils.get_logger("INFO")
 
@@ -97,10 +98,23 @@ class BlahEvalRecipe(EvalRecipeInterface):
             random.Random(int(data.shuffle_seed)).shuffle(self._records)
         if data.get("max_examples"):
             self._records = self._records[: int(data.max_examples)]
+        self._check_pause_settings(cfg)
         self._settings = {"run_dir": str(cfg.get("run_dir")), "stage": self._stage,
                           "prompt_style": self._prompt_style, "batch_size": self._batch_size,
                           "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
                           "ids": [r.id for r in self._records]}
+
+    def _check_pause_settings(self, cfg: DictConfig) -> None:
+        """The pause tokens come from the run's artifacts; a config that names others is a mistake."""
+        wanted = cfg.get("pause_tokens")
+        if wanted is None or self._stage == "base":
+            return
+        _, meta = read_pause_embeddings(os.path.join(str(cfg.run_dir), self._stage))
+        for key in ("num", "mode", "distinct"):
+            if key in wanted and wanted[key] != meta[key]:
+                raise ValueError(f"pause_tokens.{key}={wanted[key]!r} but {cfg.run_dir}/{self._stage} was trained "
+                                 f"with {key}={meta[key]!r}; drop pause_tokens from the eval config (the run's "
+                                 "pause_embeddings.safetensors says what they are)")
 
     def load_checkpoint(self, checkpointer_cfg: DictConfig) -> Dict[str, Any]:
         raise NotImplementedError("blah_eval loads through torchtune_blah.model.load_run_model")

@@ -170,9 +170,11 @@ def test_review_queue_round_trip_into_training(trained_run, tmp_path, tokenizer)
     ({"stage": "embed", "run": "/nonexistent"}, "blah_config.yaml not found"),
     ({"prompt_style": "three_turn"}, "prompt_style must be one of"),
     ({"stage": "middle"}, "stage must be one of"),
+    ({"+pause_tokens.num": 3}, r"pause_tokens.num=3 but .* was trained with num=5"),
 ])
 def test_bad_eval_input_fails_early(trained_run, tmp_path, extra, message):
-    cfg = _eval_cfg(extra.pop("run", trained_run), tmp_path / "eval", **extra)
+    extra = dict(extra)
+    cfg = _eval_cfg(extra.pop("run", trained_run), tmp_path / "eval", **{k.lstrip("+"): v for k, v in extra.items()})
     with pytest.raises(ValueError, match=message):
         BlahEvalRecipe(cfg)
 
@@ -184,3 +186,15 @@ def test_stage_without_artifacts_fails_early(tmp_path, trained_run):
     with pytest.raises(ValueError, match="stage=lora: .* holds no finished phase"):
         BlahEvalRecipe(_eval_cfg(str(run), tmp_path / "eval", stage="lora"))
     assert BlahEvalRecipe(_eval_cfg(str(run), tmp_path / "eval2"))._stage == "embed"  # latest finished
+
+
+def test_unquantized_base_and_embed_stage(trained_run, tmp_path):
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    recipe = BlahEvalRecipe(_eval_cfg(trained_run, tmp_path / "eval", quantize_base=False, stage="embed",
+                                      **{"dataset.max_examples": 4}))
+    recipe.setup()
+    assert not any(isinstance(p, NF4Tensor) for p in recipe._model.parameters())
+    assert all(m.disabled for m in recipe._model.modules() if hasattr(m, "lora_a"))  # embed: adapters off
+    metrics = recipe.evaluate()
+    assert metrics["stage"] == "embed" and metrics["official"]["total"] == 4

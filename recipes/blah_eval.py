@@ -28,7 +28,6 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
-from torchtune.recipe_interfaces import EvalRecipeInterface
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
@@ -76,7 +75,9 @@ def _stage(cfg: DictConfig) -> str:
     return stage
 
 
-class BlahEvalRecipe(EvalRecipeInterface):
+class BlahEvalRecipe:
+    """setup() loads the run's model (torchtune_blah.model.load_run_model), evaluate() answers and scores."""
+
     def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
         self._device = utils.get_device(device=cfg.device)
@@ -115,9 +116,6 @@ class BlahEvalRecipe(EvalRecipeInterface):
                 raise ValueError(f"pause_tokens.{key}={wanted[key]!r} but {cfg.run_dir}/{self._stage} was trained "
                                  f"with {key}={meta[key]!r}; drop pause_tokens from the eval config (the run's "
                                  "pause_embeddings.safetensors says what they are)")
-
-    def load_checkpoint(self, checkpointer_cfg: DictConfig) -> Dict[str, Any]:
-        raise NotImplementedError("blah_eval loads through torchtune_blah.model.load_run_model")
 
     def setup(self) -> None:
         os.makedirs(self._output_dir, exist_ok=True)

@@ -7,7 +7,7 @@ minutes of loading an 8B model.
 
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import DictConfig, ListConfig
 

@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Any, Dict, List
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm

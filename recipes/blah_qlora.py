@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf

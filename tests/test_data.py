@@ -3,7 +3,6 @@ import logging
 import re
 
 import pytest
-import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.datasets import PackedDataset
 

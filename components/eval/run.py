@@ -19,7 +19,7 @@ from torchtune_blah.data.squad import ANSWER_PREFIX, NO_ANSWER, SquadRecord, ans
 from torchtune_blah.eval.metrics import official_prediction, score_example
 from torchtune_blah.eval.parse import extract_answer
 from torchtune_blah.generation import greedy_generate
-from torchtune_blah.pause import PauseTokens
+from torchtune_blah.pause import PauseTokens, mask_pause_logits
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,6 @@ def abstention_probe(tokenizer: Any) -> AbstentionProbe:
 def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: AbstentionProbe,
                             pause: Optional[PauseTokens]) -> float:
     """P(abstention token) with the JSON scaffold written for the model (it wrote something else)."""
-    from torchtune_blah.pause import mask_pause_logits
-
     device = next(model.parameters()).device
     output = model(torch.tensor([prompt + list(probe.scaffold)], device=device))
     logits = (output[-1] if isinstance(output, list) else output)[:, -1].float()

@@ -147,7 +147,7 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
         for i in range(0, len(self._val_records), batch_size):
             rows += answer_records(
                 self._model, self._tokenizer, self._val_records[i:i + batch_size],
-                self._pause if self._pause.num else None, prompt_style=self._val_style,
+                self._pause, prompt_style=self._val_style,
                 stop_ids=self._val_stop_ids, probe=self._val_probe,
                 max_new_tokens=self._validation.get("max_new_tokens", 64))
         self._model.train()

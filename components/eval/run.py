@@ -62,7 +62,7 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
 
 def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache):
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
-                           pause=pause if pause is not None and pause.num else None, use_cache=use_cache,
+                           pause=pause, use_cache=use_cache,
                            probe=(probe.step, probe.token))
     replies = []
     for prompt, gen in zip(prompts, gens):
@@ -70,7 +70,7 @@ def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe,
         text = ANSWER_PREFIX + tokenizer.decode(ids, truncate_at_eos=False, skip_special_tokens=True)
         prob = gen.probe_prob
         if tuple(gen.tokens[: probe.step]) != probe.scaffold:  # it left the scaffold: ask directly
-            prob = _abstention_prob_forced(model, list(prompt), probe, pause if pause and pause.num else None)
+            prob = _abstention_prob_forced(model, list(prompt), probe, pause)
         replies.append((text, prob))
     return replies
 
@@ -90,6 +90,7 @@ def answer_records(
 ) -> List[Dict[str, Any]]:
     """Answer ``records`` (one batch); one result row per record (predictions.jsonl)."""
     prompts = prompts or {}
+    pause = pause if pause is not None and pause.num else None  # zero pause tokens: nothing to insert or mask
     pause_ids = pause.sequence if pause is not None else []
     first = [answer_prompt(tokenizer, r, pause_ids, prompt_style, **prompts) for r in records]
     replies = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, probe, use_cache)

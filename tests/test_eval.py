@@ -198,3 +198,26 @@ def test_unquantized_base_and_embed_stage(trained_run, tmp_path):
     assert all(m.disabled for m in recipe._model.modules() if hasattr(m, "lora_a"))  # embed: adapters off
     metrics = recipe.evaluate()
     assert metrics["stage"] == "embed" and metrics["official"]["total"] == 4
+
+
+def test_sigkill_mid_evaluation_then_rerun_gives_the_same_files(trained_run, tmp_path):
+    import time
+
+    def args(out):
+        return [TUNE, "run", "blah_eval", "--config", "demo_cpu_blah_eval", f"run_dir={trained_run}",
+                f"output_dir={out}", "dataset.max_examples=48", "batch_size=4"]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(args(whole), cwd=tmp_path, capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(args(killed), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = killed / "predictions.jsonl"
+    deadline = time.time() + 300
+    while not (predictions.exists() and len(predictions.read_text().splitlines()) >= 8):
+        assert proc.poll() is None and time.time() < deadline, "finished before it could be killed"
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    assert subprocess.run(args(killed), cwd=tmp_path, capture_output=True, timeout=600).returncode == 0
+    for name in ("predictions.jsonl", "predictions.json", "na_probs.json", "metrics.json", "review_queue.jsonl"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name

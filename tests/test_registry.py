@@ -138,15 +138,26 @@ def test_register_skips_missing_files_and_taken_names(tmp_path, monkeypatch):
 
 
 def test_wheel_carries_the_pth_the_recipes_configs_and_data(tmp_path):
+    # Build from a clean copy: a stale build/ folder would hide a package missing from pyproject.toml.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".venv", "build", "dist", "*.egg-info", ".git", "__pycache__", ".pytest_cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), REPO],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "torchtune_blah.pth" in names
-    assert "torchtune_blah/pause.py" in names and "torchtune_blah/data/chat.py" in names
+    for folder, package in (("components", "torchtune_blah"), ("recipes", "torchtune_blah/recipes")):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            rel = os.path.relpath(root, os.path.join(REPO, folder))
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.normpath(os.path.join(package, rel, name))
+                    assert path in names, f"{path} missing from the wheel: list its package in pyproject.toml"
     assert "torchtune_blah/recipes/__init__.py" in names and "torchtune_blah/configs/__init__.py" in names
     assert "torchtune_blah/data/assets/squad_v2_sample.json" in names
     assert not any(n.startswith(("recipes/", "components/", "configs/")) for n in names)

@@ -79,7 +79,7 @@ def greedy_generate(
 
     out = [Generation(tokens=[], stopped=False) for _ in prompts]
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total):
-        logits = _last(model(tokens, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len]))
+        logits = last_logits(model(tokens, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len]))
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             next_ids = _pick(logits, pause, step, probe, out, done)
@@ -92,11 +92,11 @@ def greedy_generate(
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             pos = prompt_len + step
-            logits = _last(model(next_ids[:, None], mask=masks[:, pos:pos + 1], input_pos=positions[:, pos:pos + 1]))
+            logits = last_logits(model(next_ids[:, None], mask=masks[:, pos:pos + 1], input_pos=positions[:, pos:pos + 1]))
     return out
 
 
-def _last(output) -> torch.Tensor:
+def last_logits(output) -> torch.Tensor:
     """Last position's logits; a model set up for chunked loss returns a list of chunks."""
     return (output[-1] if isinstance(output, list) else output)[:, -1]
 
@@ -119,7 +119,7 @@ def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, 
     out = Generation(tokens=[], stopped=False)
     done = torch.zeros(1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits = _last(model(tokens))
+        logits = last_logits(model(tokens))
         next_id = _pick(logits, pause, step, probe, [out], done)
         out.tokens.append(int(next_id))
         tokens = torch.cat([tokens, next_id[:, None]], dim=1)

@@ -41,6 +41,10 @@ from torchtune_blah.pause import read_pause_embeddings
 log = utils.get_logger("INFO")
 
 
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def _run_config(cfg: DictConfig) -> DictConfig:
     """The blah_qlora config of run_dir, with the eval config's model/tokenizer/checkpointer on top."""
     run_cfg = OmegaConf.create({})
@@ -138,6 +142,10 @@ class BlahEvalRecipe:
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
                  f"{len(self._records)} questions")
 
+    def _batches(self) -> List[list]:
+        """Fixed batches over the question order, so a resumed run pads and decodes exactly as an uninterrupted one."""
+        return [self._records[i:i + self._batch_size] for i in range(0, len(self._records), self._batch_size)]
+
     def _finished_batches(self, path: str) -> Dict[str, Dict[str, Any]]:
         """Rows of batches written completely; a torn last line or a partial batch is redone."""
         rows = {}
@@ -149,9 +157,8 @@ class BlahEvalRecipe:
                     except json.JSONDecodeError:
                         break
                     rows[row["id"]] = row
-        batches = [self._records[i:i + self._batch_size] for i in range(0, len(self._records), self._batch_size)]
         complete = {}
-        for batch in batches:
+        for batch in self._batches():
             if all(r.id in rows for r in batch):
                 complete.update({r.id: rows[r.id] for r in batch})
         return complete
@@ -160,10 +167,8 @@ class BlahEvalRecipe:
         path = os.path.join(self._output_dir, "predictions.jsonl")
         done = self._finished_batches(path)
         # Rewrite the file with complete batches only (atomically), then append.
-        atomic_text("".join(json.dumps(done[r.id], ensure_ascii=False) + "\n"
-                            for r in self._records if r.id in done), path)
-        todo = [self._records[i:i + self._batch_size] for i in range(0, len(self._records), self._batch_size)]
-        todo = [b for b in todo if not all(r.id in done for r in b)]
+        atomic_text(_jsonl(done[r.id] for r in self._records if r.id in done), path)
+        todo = [b for b in self._batches() if not all(r.id in done for r in b)]
         if done:
             log.info(f"Resuming: {len(done)} questions already answered in {path}")
         pbar = tqdm(total=len(self._records), initial=len(done), unit="ex", dynamic_ncols=True)
@@ -174,7 +179,7 @@ class BlahEvalRecipe:
                 rows = answer_records(self._model, self._tokenizer, batch, self._pause,
                                       prompt_style=self._prompt_style, stop_ids=self._stop_ids, probe=self._probe,
                                       max_new_tokens=self._settings["max_new_tokens"], prompts=self._prompts)
-                out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                out.write(_jsonl(rows))
                 out.flush()
                 os.fsync(out.fileno())
                 done.update({r["id"]: r for r in rows})
@@ -202,8 +207,7 @@ class BlahEvalRecipe:
         atomic_text(results_row(name, metrics["seed"]), os.path.join(out, "results.md"))
         records = {r.id: r for r in self._records}
         queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"))
-        atomic_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queue),
-                    os.path.join(out, "review_queue.jsonl"))
+        atomic_text(_jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics
 

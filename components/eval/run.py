@@ -18,7 +18,7 @@ from torchtune_blah.data.chat import answer_prompt
 from torchtune_blah.data.squad import ANSWER_PREFIX, NO_ANSWER, SquadRecord, answer_block
 from torchtune_blah.eval.metrics import official_prediction, score_example
 from torchtune_blah.eval.parse import extract_answer
-from torchtune_blah.generation import greedy_generate
+from torchtune_blah.generation import greedy_generate, last_logits
 from torchtune_blah.pause import PauseTokens, mask_pause_logits
 
 
@@ -53,8 +53,7 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
                             pause: Optional[PauseTokens]) -> float:
     """P(abstention token) with the JSON scaffold written for the model (it wrote something else)."""
     device = next(model.parameters()).device
-    output = model(torch.tensor([prompt + list(probe.scaffold)], device=device))
-    logits = (output[-1] if isinstance(output, list) else output)[:, -1].float()
+    logits = last_logits(model(torch.tensor([prompt + list(probe.scaffold)], device=device))).float()
     if pause is not None:
         mask_pause_logits(logits, pause)
     return float(torch.softmax(logits, dim=-1)[0, probe.token])

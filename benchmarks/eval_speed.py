@@ -40,7 +40,7 @@ def main():
     model, pause = load_run_model(run_cfg, args.run_dir, args.stage, torch.device("cpu"), torch.float32,
                                   staging_dir=os.path.join(args.run_dir, ".bench_staging"))
     records = load_squad_records("bundled_sample")[: args.questions]
-    kwargs = dict(prompt_style="single_turn", stop_ids=stop_token_ids(tokenizer, [tokenizer.eot_id, tokenizer.eos_id]),
+    kwargs = dict(prompt_style="single_turn", stop_ids=stop_token_ids(tokenizer),
                   probe=abstention_probe(tokenizer), max_new_tokens=args.max_new_tokens)
 
     start = time.perf_counter()

@@ -20,21 +20,16 @@ from torch import nn
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from torchtune_blah.chat_format import chat_format
 from torchtune_blah.pause import PauseTokens, mask_pause_logits
 
 
-def stop_token_ids(tokenizer, extra: Iterable[int] = ()) -> Set[int]:
-    """Every id whose text contains ``}``, plus ``extra`` (end-of-turn and end-of-text)."""
-    model = tokenizer.tt_model.tt_model  # the tiktoken Encoding under torchtune's tokenizer
-    ids = {i for i in range(model.n_vocab) if _has_brace(model, i)}
-    return ids | set(extra)
-
-
-def _has_brace(encoding, token_id: int) -> bool:
-    try:
-        return b"}" in encoding.decode_single_token_bytes(token_id)
-    except KeyError:  # ids between the BPE ranks and the special tokens
-        return False
+def stop_token_ids(tokenizer, extra: Optional[Iterable[int]] = None) -> Set[int]:
+    """Every id whose text contains ``}``, plus ``extra`` (default: the chat format's end ids,
+    end-of-turn and end-of-text). Works for any tokenizer with a known chat format."""
+    fmt = chat_format(tokenizer)
+    ids = {i for i, text in enumerate(fmt.token_texts()) if "}" in text}
+    return ids | set(fmt.end_ids if extra is None else extra)
 
 
 @dataclass

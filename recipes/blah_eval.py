@@ -136,7 +136,7 @@ class BlahEvalRecipe:
             self._run_cfg, str(self._cfg.get("run_dir") or ""), self._stage, self._device, self._dtype,
             staging_dir=os.path.join(self._output_dir, ".checkpointer"),
             quantize_base=self._cfg.get("quantize_base"))
-        self._stop_ids = stop_token_ids(self._tokenizer, [self._tokenizer.eot_id, self._tokenizer.eos_id])
+        self._stop_ids = stop_token_ids(self._tokenizer)
         self._probe = abstention_probe(self._tokenizer)
         pause_text = f"{self._pause.num} pause tokens ({self._pause.mode})" if self._pause else "no pause tokens"
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "

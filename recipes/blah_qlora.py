@@ -134,7 +134,7 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
             return
         held_out = config.instantiate(cfg.dataset, self._tokenizer, part="holdout", packed=False)
         self._val_records = held_out.records[: self._validation.get("max_examples") or None]
-        self._val_stop_ids = stop_token_ids(self._tokenizer, [self._tokenizer.eot_id, self._tokenizer.eos_id])
+        self._val_stop_ids = stop_token_ids(self._tokenizer)
         self._val_probe = abstention_probe(self._tokenizer)
         self._val_style = cfg.dataset.get("prompt_style", "single_turn")
         log.info(f"validation: {len(self._val_records)} held-out questions every "

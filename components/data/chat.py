@@ -1,16 +1,22 @@
 """Chat tokenization with pause ids, answer-only labels, and the dataset builder.
 
-Each conversation becomes the seed's Llama 3 token sequence::
+Each conversation is rendered by the tokenizer's chat format (``torchtune_blah.chat_format``:
+Llama 3 or ChatML), with the pause ids right after each assistant header. For Llama 3 that
+is the seed's token sequence::
 
     <|begin_of_text|>
     <|start_header_id|>system<|end_header_id|>\\n\\n {system} <|eot_id|>
     <|start_header_id|>user<|end_header_id|>\\n\\n {user} <|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n <pause ids> \\n```json ... ``` <|eot_id|>
 
+and for ChatML (Qwen2.5, SmolLM2)::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n
+    <|im_start|>assistant\\n <pause ids> \\n```json ... ``` <|im_end|> \\n
+
 Pause tokens go in as ids (torchtune's tiktoken tokenizers would encode their
 text as plain text). The reply after them is encoded on its own and untrimmed,
-exactly as the seed's tokenizer saw it after its special tokens; torchtune's
-``tokenize_message`` would strip its leading newline.
+exactly as the seed's tokenizer saw it after its special tokens.
 
 Labels follow torchtune's SFT convention (aligned with ``tokens``; recipes shift
 them): ``CROSS_ENTROPY_IGNORE_IDX`` everywhere except each assistant turn's reply
@@ -22,9 +28,10 @@ import random
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import Dataset
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 
+from torchtune_blah.chat_format import chat_format, render_chat
 from torchtune_blah.data.squad import (
     ANSWER_PREFIX,
     MULTI_TURN_FIRST_PROMPT,
@@ -42,16 +49,6 @@ from torchtune_blah.pause import PauseTokens, as_pause_tokens
 log = logging.getLogger(__name__)
 
 
-def _check_tokenizer(tokenizer: Any) -> None:
-    needed = ("tokenize_message", "encode", "bos_id", "eot_id")
-    missing = [name for name in needed if not hasattr(tokenizer, name)]
-    if missing:
-        raise TypeError(
-            f"{type(tokenizer).__name__} lacks {missing}: the SQuAD chat dataset needs a Llama 3-family "
-            "torchtune tokenizer (torchtune.models.llama3.llama3_tokenizer / llama3_2 share it)."
-        )
-
-
 def answer_only_labels(tokens: Sequence[int], supervised: Sequence[bool]) -> List[int]:
     """Labels for answer-only loss: the token where supervised, the ignore index elsewhere."""
     return [t if s else CROSS_ENTROPY_IGNORE_IDX for t, s in zip(tokens, supervised)]
@@ -66,25 +63,14 @@ def tokenize_chat(
     """Token ids and a supervised-token mask for a conversation.
 
     Args:
+        tokenizer: a torchtune tokenizer with a known chat format, or a ``ChatFormat``.
         messages: system/user/assistant turns; assistant contents are the reply
             after the pause tokens (``answer_block`` text).
         pause_ids: inserted after every assistant header.
         add_last_end: False leaves the last assistant turn open (no end-of-turn),
             for prompting a model with a forced reply prefix.
     """
-    tokens, supervised = [tokenizer.bos_id], [False]
-    for n, message in enumerate(messages):
-        if message.role != "assistant":
-            ids = tokenizer.tokenize_message(Message(role=message.role, content=message.content))
-            tokens += ids
-            supervised += [False] * len(ids)
-            continue
-        header = tokenizer.tokenize_message(Message(role="assistant", content=""), add_end_tokens=False)
-        reply = tokenizer.encode(message.content, add_bos=False, add_eos=False)
-        end = [tokenizer.eot_id] if (add_last_end or n < len(messages) - 1) else []
-        tokens += header + list(pause_ids) + reply + end
-        supervised += [False] * (len(header) + len(pause_ids)) + [True] * (len(reply) + len(end))
-    return tokens, supervised
+    return render_chat(chat_format(tokenizer), messages, pause_ids, add_last_end=add_last_end)
 
 
 class SquadChatDataset(Dataset):
@@ -105,7 +91,7 @@ class SquadChatDataset(Dataset):
         all_answers: bool = False,
         **prompts: Any,
     ):
-        _check_tokenizer(tokenizer)
+        fmt = chat_format(tokenizer)
         self.pause = pause
         self.prompt_style = prompt_style
         self.max_seq_len = max_seq_len
@@ -114,7 +100,7 @@ class SquadChatDataset(Dataset):
         self._samples: List[Dict[str, Any]] = []
         for record in records:
             tokens, supervised = tokenize_chat(
-                tokenizer, squad_messages(record, prompt_style, **prompts), pause.sequence
+                fmt, squad_messages(record, prompt_style, **prompts), pause.sequence
             )
             if max_seq_len is not None and len(tokens) > max_seq_len:
                 self.skipped_ids.append(record.id)
@@ -163,7 +149,7 @@ def squad_chat_dataset(
     """SQuAD 2.0 as chat with pause tokens and answer-only loss (``dataset._component_``).
 
     Args:
-        tokenizer: a Llama 3-family torchtune tokenizer (the recipe passes it).
+        tokenizer: a torchtune tokenizer with a chat format (Llama 3 or ChatML; the recipe passes it).
         source: ``"json"`` for local files (official SQuAD JSON, JSON list or JSONL
             of ``{id?, context, question, answers}``), else a ``datasets.load_dataset``
             name such as ``"rajpurkar/squad_v2"``.

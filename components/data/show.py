@@ -16,6 +16,7 @@ from typing import Any, Dict, Sequence
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
+from torchtune_blah.chat_format import chat_format
 from torchtune_blah.pause import PauseTokens
 
 _GREEN, _MAGENTA, _RESET = "\033[32m", "\033[35m", "\033[0m"
@@ -37,7 +38,7 @@ def format_sample(tokenizer: Any, sample: Dict[str, Sequence[int]], pause: Pause
             text = "".join(pause.name_of(t) for t in ids)
             out.append(f"{_MAGENTA}{text}{_RESET}" if color else "{" + text + "}")
             continue
-        text = tokenizer.decode(ids, truncate_at_eos=False, skip_special_tokens=False)
+        text = chat_format(tokenizer).decode(ids, skip_special_tokens=False)
         if k == "supervised":
             text = f"{_GREEN}{text}{_RESET}" if color else f"[[{text}]]"
         out.append(text)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from torchtune_blah.chat_format import chat_format
 from torchtune_blah.data.chat import answer_prompt
 from torchtune_blah.data.squad import ANSWER_PREFIX, NO_ANSWER, SquadRecord, answer_block
 from torchtune_blah.eval.metrics import official_prediction, score_example
@@ -38,7 +39,7 @@ class AbstentionProbe:
 def abstention_probe(tokenizer: Any) -> AbstentionProbe:
     """Find the value position by tokenizing an abstention and an answer block and
     taking their first difference (BPE may fuse the quote with the value)."""
-    encode = lambda text: tokenizer.encode(text, add_bos=False, add_eos=False)  # noqa: E731
+    encode = chat_format(tokenizer).encode
     forced = encode(ANSWER_PREFIX)
     abstain, answer = encode(answer_block(NO_ANSWER)), encode(answer_block("Normandy"))
     if abstain[: len(forced)] != forced or answer[: len(forced)] != forced:
@@ -63,10 +64,11 @@ def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe,
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
                            pause=pause, use_cache=use_cache,
                            probe=(probe.step, probe.token))
+    fmt = chat_format(tokenizer)
     replies = []
     for prompt, gen in zip(prompts, gens):
-        ids = [t for t in gen.tokens if t not in (tokenizer.eot_id, tokenizer.eos_id)]
-        text = ANSWER_PREFIX + tokenizer.decode(ids, truncate_at_eos=False, skip_special_tokens=True)
+        ids = [t for t in gen.tokens if t not in fmt.end_ids]
+        text = ANSWER_PREFIX + fmt.decode(ids)
         prob = gen.probe_prob
         if tuple(gen.tokens[: probe.step]) != probe.scaffold:  # it left the scaffold: ask directly
             prob = _abstention_prob_forced(model, list(prompt), probe, pause)

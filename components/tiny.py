@@ -14,7 +14,6 @@ weight has a multiple of 16,384 elements (embed_dim 256, intermediate 512).
 import base64
 import json
 import os
-from importlib.resources import files
 from typing import Dict, Iterator, Optional
 
 TINY_BASE_VOCAB = 1024  # BPE tokens, bytes included
@@ -26,7 +25,9 @@ TINY_MODEL_ARGS = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256,
 
 def squad_sample_path() -> str:
     """The bundled real SQuAD 2.0 slice (official format, 626 questions; CC BY-SA 4.0)."""
-    return str(files("torchtune_blah.data") / "assets" / "squad_v2_sample.json")
+    from torchtune_blah.data.squad import bundled_path
+
+    return bundled_path("bundled_sample")
 
 
 def tiny_special_tokens() -> Dict[str, int]:

@@ -30,7 +30,7 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
-from torchtune_blah.data.squad import PROMPT_STYLES, load_squad_records
+from torchtune_blah.data.squad import PROMPT_STYLES, filter_context_words, load_squad_records
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
 from torchtune_blah.eval.run import abstention_probe, answer_records
@@ -98,6 +98,7 @@ class BlahEvalRecipe:
         data = cfg.dataset
         self._records = load_squad_records(data.get("source", "rajpurkar/squad_v2"), data_files=data.get("data_files"),
                                            split=data.get("split", "validation"))
+        self._records = filter_context_words(self._records, data.get("max_context_words"))
         if data.get("shuffle_seed") is not None:
             random.Random(int(data.shuffle_seed)).shuffle(self._records)
         if data.get("max_examples"):

@@ -41,6 +41,7 @@ from torchtune_blah.data.squad import (
     ChatMessage,
     SquadRecord,
     check_prompt_templates,
+    filter_context_words,
     load_squad_records,
     squad_messages,
 )
@@ -144,6 +145,7 @@ def squad_chat_dataset(
     holdout_fraction: float = 0.0,
     holdout_seed: int = 42,
     part: str = "train",
+    max_context_words: Optional[int] = None,
     **load_dataset_kwargs: Any,
 ) -> Union[SquadChatDataset, PackedDataset]:
     """SQuAD 2.0 as chat with pause tokens and answer-only loss (``dataset._component_``).
@@ -170,6 +172,8 @@ def squad_chat_dataset(
             seeded random choice; the seed held out 0.5% with seed 42) for validation
             during training; ``part: train`` (default) gives the rest, ``part:
             holdout`` the held-out records.
+        max_context_words: keep only questions whose context has at most this many
+            words (short contexts make small CPU runs fit in minutes); None keeps all.
     """
     check_prompt_templates(prompt_style, single_turn_prompt, multi_turn_first_prompt)
     pause = as_pause_tokens(pause_tokens, tokenizer)
@@ -178,6 +182,7 @@ def squad_chat_dataset(
     if packed and max_seq_len is None:
         raise ValueError("packed: true needs max_seq_len (on the dataset or the tokenizer)")
     records = load_squad_records(source, data_files=data_files, split=split, **load_dataset_kwargs)
+    records = filter_context_words(records, max_context_words)
     records = holdout_split(records, holdout_fraction, holdout_seed, part)
     dataset = SquadChatDataset(
         tokenizer, records, pause, prompt_style=prompt_style, max_seq_len=max_seq_len,

@@ -152,6 +152,29 @@ def check_prompt_templates(prompt_style: str, single_turn_prompt: str, multi_tur
 # ----------------------------------------------------------------------------- loading
 
 
+# Real SQuAD 2.0 slices shipped in torchtune_blah/data/assets (CC BY-SA 4.0, see ATTRIBUTION.md there).
+BUNDLED = {
+    "bundled_sample": "squad_v2_sample.json",  # dev-set articles: 626 questions, 333 unanswerable
+    "bundled_train": "squad_v2_train_short.json",  # training-set articles: 591 questions, 197 unanswerable
+}
+
+
+def bundled_path(name: str) -> str:
+    from importlib.resources import files
+
+    return str(files("torchtune_blah.data") / "assets" / BUNDLED[name])
+
+
+def filter_context_words(records: Sequence["SquadRecord"], max_context_words: Optional[int]) -> List["SquadRecord"]:
+    """The records whose context has at most ``max_context_words`` words (None: all)."""
+    if max_context_words is None:
+        return list(records)
+    kept = [r for r in records if len(r.context.split()) <= int(max_context_words)]
+    if not kept:
+        raise ValueError(f"max_context_words={max_context_words} leaves no question; raise it")
+    return kept
+
+
 class SquadRecordError(ValueError):
     """A record that cannot be read; the message names the record and the field."""
 
@@ -257,16 +280,15 @@ def load_squad_records(
 
     Args:
         source: ``"json"`` for local files (official format, JSON list or JSONL,
-            detected per file), ``"bundled_sample"`` for the package's real SQuAD 2.0
-            slice (626 questions), anything else goes to ``datasets.load_dataset``
+            detected per file), ``"bundled_sample"`` (626 dev-set questions) or
+            ``"bundled_train"`` (591 training-set questions with short contexts) for the
+            package's real SQuAD 2.0 slices, anything else goes to ``datasets.load_dataset``
             (``"rajpurkar/squad_v2"``, ``"parquet"``, a local dataset folder...).
         data_files: file or files for ``source="json"`` (and passed on otherwise).
         split: ``"train"`` / ``"validation"`` for the hub; ignored for ``json``.
     """
-    if source == "bundled_sample":  # the real SQuAD 2.0 slice shipped with the package
-        from torchtune_blah.tiny import squad_sample_path
-
-        source, data_files = "json", squad_sample_path()
+    if source in BUNDLED:  # the real SQuAD 2.0 slices shipped with the package
+        source, data_files = "json", bundled_path(source)
     if source == "json":
         if not data_files:
             raise ValueError("source 'json' needs data_files: a path or a list of paths")

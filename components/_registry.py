@@ -38,11 +38,17 @@ RECIPES: List[RecipeEntry] = [
         ("llama3_8b_blah", "llama3_8b_blah.yaml"),
         ("llama3_2_1b_blah", "llama3_2_1b_blah.yaml"),
         ("smollm2_135m_blah", "smollm2_135m_blah.yaml"),
+        ("smollm2_1_7b_blah", "smollm2_1_7b_blah.yaml"),
+        ("qwen2_5_1_5b_blah", "qwen2_5_1_5b_blah.yaml"),
+        ("qwen2_5_3b_blah", "qwen2_5_3b_blah.yaml"),
         ("demo_cpu_blah", "demo_cpu_blah.yaml"),
     ]),
     RecipeEntry("blah_eval", "blah_eval.py", [
         ("llama3_8b_blah_eval", "llama3_8b_blah_eval.yaml"),
         ("smollm2_135m_blah_eval", "smollm2_135m_blah_eval.yaml"),
+        ("smollm2_1_7b_blah_eval", "smollm2_1_7b_blah_eval.yaml"),
+        ("qwen2_5_1_5b_blah_eval", "qwen2_5_1_5b_blah_eval.yaml"),
+        ("qwen2_5_3b_blah_eval", "qwen2_5_3b_blah_eval.yaml"),
         ("demo_cpu_blah_eval", "demo_cpu_blah_eval.yaml"),
     ]),
 ]

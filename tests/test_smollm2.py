@@ -98,14 +98,14 @@ def test_abstention_probe_and_stop_rule_on_the_real_model(model, tokenizer, dev_
 
 
 def test_a_few_training_steps_lower_the_loss_in_each_phase(smollm2_dir, tmp_path):
-    """blah_qlora on the real model, 8 real training questions seen twice: each phase's second
+    """blah_qlora on the real model, 6 real training questions seen twice: each phase's second
     pass has a lower mean loss than its first."""
     from omegaconf import OmegaConf
 
     from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
 
     records = load_squad_records("bundled_train")
-    chosen = [r for r in records if r.has_answer][:5] + [r for r in records if not r.has_answer][:3]
+    chosen = [r for r in records if r.has_answer][:4] + [r for r in records if not r.has_answer][:2]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "context": r.context, "question": r.question,
                                         "answers": list(r.answers)}) + "\n" for r in chosen))
@@ -122,6 +122,6 @@ def test_a_few_training_steps_lower_the_loss_in_each_phase(smollm2_dir, tmp_path
     losses = read_disk_log(str(out / "logs"))
     for phase in ("embed", "lora"):
         values = losses[f"{phase}/loss"]
-        assert len(values) == 8
-        assert sum(values[4:]) / 4 < sum(values[:4]) / 4, (phase, values)
+        assert len(values) == 6
+        assert sum(values[3:]) < sum(values[:3]), (phase, values)
     assert (out / "lora" / "adapter_model.safetensors").is_file()

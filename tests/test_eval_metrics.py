@@ -108,3 +108,16 @@ def test_best_threshold_by_hand():
     best = official_best_thresholds(rows)
     assert best["best_exact"] == pytest.approx(100 * 5 / 6) and best["best_exact_thresh"] == 0.2
     assert best["best_f1"] == pytest.approx(100 * 5.4 / 6) and best["best_f1_thresh"] == 0.3
+
+
+def test_always_abstain_baseline_and_comparison_table():
+    from torchtune_blah.eval.report import always_abstain, comparison_table
+
+    seed = {"pct_valid_json": 90.0, "pct_exact_match": 40.0, "pct_exact_match_among_valid_json": 44.44,
+            "pct_correct_no_answer": 50.0, "pct_correct_has_answer": 30.0}
+    metrics = {"seed": seed, "official": {"exact": 41.0, "f1": 45.5, "total": 8, "NoAns_total": 3}}
+    baseline = always_abstain(metrics)
+    assert baseline["seed"]["pct_exact_match"] == 37.5 and baseline["official"]["f1"] == 37.5
+    table = comparison_table([("trained", metrics)]).splitlines()
+    assert table[2] == "| trained | 90.00 | 40.00 | 44.44 | 50.00 | 30.00 | 41.00 | 45.50 | 8 |"
+    assert table[3] == '| always "?" (baseline) | 100.00 | 37.50 | 37.50 | 100.00 | 0.00 | 37.50 | 37.50 | 8 |'

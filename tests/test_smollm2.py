@@ -125,3 +125,33 @@ def test_a_few_training_steps_lower_the_loss_in_each_phase(smollm2_dir, tmp_path
         assert len(values) == 6
         assert sum(values[3:]) < sum(values[:3]), (phase, values)
     assert (out / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_prepare_keeps_a_prepared_folder_and_refuses_a_foreign_one(smollm2_dir, tmp_path, capsys):
+    from torchtune_blah.models.gguf_convert import DONE_MARKER, prepare_smollm2
+
+    before = os.stat(os.path.join(smollm2_dir, "model.safetensors")).st_mtime_ns
+    assert prepare_smollm2(smollm2_dir) == smollm2_dir
+    assert "already prepared" in capsys.readouterr().out
+    assert os.stat(os.path.join(smollm2_dir, "model.safetensors")).st_mtime_ns == before
+    assert os.path.isfile(os.path.join(smollm2_dir, DONE_MARKER))
+    with open(os.path.join(smollm2_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["rope_theta"] == 100000.0 and config["tie_word_embeddings"] is True
+    with open(os.path.join(smollm2_dir, "tokenizer.json")) as f:
+        pre = json.load(f)["pre_tokenizer"]
+    assert [p["type"] for p in pre["pretokenizers"]] == ["Digits", "ByteLevel"]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds something else"):
+        prepare_smollm2(str(foreign))
+    assert (foreign / "todo.txt").read_text() == "mine"
+
+
+def test_nf4_is_refused_with_a_message_for_small_smollm2_sizes():
+    from torchtune_blah.models.smollm2 import lora_smollm2_135m, lora_smollm2_360m
+
+    for builder in (lora_smollm2_135m, lora_smollm2_360m):
+        with pytest.raises(ValueError, match="quantize_base: false"):
+            builder(quantize_base=True)

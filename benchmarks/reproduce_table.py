@@ -13,7 +13,7 @@ plus the always-"?" baseline. Training data: the config's (the bundled slice of 
 articles). Every step is a `tune run` of our recipes; a rerun skips finished trainings and
 resumes unfinished evaluations.
 
-    python benchmarks/reproduce_table.py                               # CPU defaults (about an hour on 2 cores)
+    python benchmarks/reproduce_table.py                               # CPU defaults (48 min on 2 cores)
     python benchmarks/reproduce_table.py --config smollm2_1_7b_blah --eval-config smollm2_1_7b_blah_eval \\
         --embed-steps 1000 --lora-steps 3000 --eval-examples 0 --set device=cuda --set dtype=bf16   # a GPU
 

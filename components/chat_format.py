@@ -102,8 +102,8 @@ class ChatMLChatFormat(ChatFormat):
         self.start_ids = []
         self.end_of_turn_ids = [self.im_end]
         self.after_turn_ids = self.encode("\n")
-        self.end_ids = sorted({self.im_end, *[special[t] for t in ("<|endoftext|>",) if t in special],
-                               *([tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else [])})
+        ends = {self.im_end, special.get("<|endoftext|>"), getattr(tokenizer, "eos_id", None)}
+        self.end_ids = sorted(i for i in ends if i is not None)
         self.default_system_prompt = getattr(tokenizer, "default_system_prompt", None)
         if self.default_system_prompt is None and type(tokenizer).__name__ == "Qwen2_5Tokenizer":
             self.default_system_prompt = QWEN2_5_DEFAULT_SYSTEM_PROMPT

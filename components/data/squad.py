@@ -165,7 +165,7 @@ def bundled_path(name: str) -> str:
     return str(files("torchtune_blah.data") / "assets" / BUNDLED[name])
 
 
-def filter_context_words(records: Sequence["SquadRecord"], max_context_words: Optional[int]) -> List["SquadRecord"]:
+def filter_context_words(records: Sequence[SquadRecord], max_context_words: Optional[int]) -> List[SquadRecord]:
     """The records whose context has at most ``max_context_words`` words (None: all)."""
     if max_context_words is None:
         return list(records)

@@ -51,6 +51,7 @@ RECIPES: List[RecipeEntry] = [
         ("qwen2_5_3b_blah_eval", "qwen2_5_3b_blah_eval.yaml"),
         ("demo_cpu_blah_eval", "demo_cpu_blah_eval.yaml"),
     ]),
+    RecipeEntry("blah_export", "blah_export.py", [("blah_export", "blah_export.yaml")]),
 ]
 
 

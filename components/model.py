@@ -1,5 +1,6 @@
 """Building a pause-token model from a torchtune config: shared by training and evaluation."""
 
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -55,6 +56,32 @@ def lora_settings(model: nn.Module) -> Dict[str, Any]:
 
 
 STAGES = ("base", "embed", "lora")
+RUN_CONFIG_FILE = "blah_config.yaml"
+
+
+def read_run_config(run_dir: str) -> DictConfig:
+    """The resolved config a ``blah_qlora`` run saved in its output_dir."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(str(run_dir), RUN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"run_dir: {path} not found; run_dir must be a blah_qlora output_dir")
+    return OmegaConf.load(path)
+
+
+def resolve_stage(run_dir: str, stage: str) -> str:
+    """``latest`` -> the last finished phase (``base`` when none); a named stage must be finished."""
+    from torchtune_blah.checkpointing import phase_complete
+
+    finished = [s for s in ("embed", "lora") if phase_complete(os.path.join(str(run_dir), s))]
+    if stage == "latest":
+        return finished[-1] if finished else "base"
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES + ('latest',)}, got {stage!r}")
+    if stage != "base" and stage not in finished:
+        raise ValueError(f"stage={stage}: {run_dir}/{stage} holds no finished phase "
+                         f"(finished: {finished or 'none'})")
+    return stage
 
 
 def load_run_model(
@@ -73,7 +100,6 @@ def load_run_model(
     adapter). What the run's artifacts say (pause ids, mode, count) comes from them,
     not from the config. ``quantize_base`` overrides the run's NF4 setting.
     """
-    import os
     import shutil
 
     from torchtune_blah.pause import load_pause_embeddings, pause_tokens, pause_tokens_from_metadata, \

@@ -29,13 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
+from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.data.squad import PROMPT_STYLES, filter_context_words, load_squad_records
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import STAGES, load_run_model
+from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
 from torchtune_blah.pause import read_pause_embeddings
 
 log = utils.get_logger("INFO")
@@ -47,12 +47,7 @@ def _jsonl(rows) -> str:
 
 def _run_config(cfg: DictConfig) -> DictConfig:
     """The blah_qlora config of run_dir, with the eval config's model/tokenizer/checkpointer on top."""
-    run_cfg = OmegaConf.create({})
-    if cfg.get("run_dir"):
-        path = os.path.join(str(cfg.run_dir), "blah_config.yaml")
-        if not os.path.isfile(path):
-            raise ValueError(f"run_dir: {path} not found; run_dir must be a blah_qlora output_dir")
-        run_cfg = OmegaConf.load(path)
+    run_cfg = read_run_config(str(cfg.run_dir)) if cfg.get("run_dir") else OmegaConf.create({})
     for key in ("model", "tokenizer", "checkpointer"):
         if cfg.get(key) is not None:
             run_cfg[key] = cfg[key]
@@ -67,15 +62,7 @@ def _stage(cfg: DictConfig) -> str:
         if stage not in ("base", "latest"):
             raise ValueError(f"stage={stage} needs run_dir (a blah_qlora output_dir)")
         return "base"
-    finished = [s for s in ("embed", "lora") if phase_complete(os.path.join(str(cfg.run_dir), s))]
-    if stage == "latest":
-        return finished[-1] if finished else "base"
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES + ('latest',)}, got {stage!r}")
-    if stage != "base" and stage not in finished:
-        raise ValueError(f"stage={stage}: {cfg.run_dir}/{stage} holds no finished phase "
-                         f"(finished: {finished or 'none'})")
-    return stage
+    return resolve_stage(str(cfg.run_dir), stage)
 
 
 class BlahEvalRecipe:

@@ -1,0 +1,32 @@
+# torchtune-blah: a finished run as a Hugging Face model folder or a PEFT adapter.
+#
+#   tune run blah_export --config blah_export run_dir=/tmp/torchtune-blah/smollm2_135m output_dir=/tmp/blah_hf
+#
+# Everything that can be checked without weights (stage, output folder, tokenizer, base
+# config) is checked first; the folder is then written beside output_dir and renamed into
+# place. What the folder holds: torchtune_blah/export.py and the config's comments.
+
+import sys
+
+from omegaconf import DictConfig
+from torchtune import config, utils
+
+from torchtune_blah.export import export_run, plan_export
+
+log = utils.get_logger("INFO")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="blah_export", cfg=cfg)
+    plan = plan_export(cfg.run_dir, cfg.output_dir, stage=cfg.get("stage", "latest"), format=cfg.get("format", "hf"),
+                       dtype=cfg.get("dtype"), eval_dirs=list(cfg.get("eval_dirs") or []))
+    pause = f"{plan.pause.num} pause tokens ({plan.pause.mode})" if plan.pause else "no pause tokens"
+    log.info(f"blah_export: {plan.run_dir} stage {plan.stage} ({pause}) -> {plan.output_dir} as {plan.format}, "
+             f"{plan.dtype}; tokenizer from {plan.tokenizer_source}")
+    export_run(plan)
+    log.info(f"blah_export: wrote {plan.output_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

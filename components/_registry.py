@@ -52,6 +52,7 @@ RECIPES: List[RecipeEntry] = [
         ("demo_cpu_blah_eval", "demo_cpu_blah_eval.yaml"),
     ]),
     RecipeEntry("blah_export", "blah_export.py", [("blah_export", "blah_export.yaml")]),
+    RecipeEntry("blah_generate", "blah_generate.py", [("blah_generate", "blah_generate.yaml")]),
 ]
 
 

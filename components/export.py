@@ -43,7 +43,6 @@ from torchtune_blah.data.squad import (
     SINGLE_TURN_PROMPT,
     SYSTEM_PROMPT,
     answer_block,
-    bundled_path,
     load_squad_records,
     squad_messages,
 )

@@ -13,7 +13,7 @@ abstaining right where the answer value starts.
 """
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -50,15 +50,19 @@ def greedy_generate(
     pause: Optional[PauseTokens] = None,
     use_cache: bool = True,
     probe: Optional[Tuple[int, int]] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
 ) -> List[Generation]:
     """Greedy continuations of ``prompts`` (lists of ids), batched with left padding.
 
     ``use_cache=False`` recomputes the whole sequence at each step, one prompt at a
     time (the seed's way; kept for the benchmark and for checking the cache).
     ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step``.
+    ``on_token(row, token_id)`` is called for every generated token as it comes (streaming).
     """
     if not use_cache:
-        return [_generate_one_without_cache(model, p, stop_ids, max_new_tokens, pause, probe) for p in prompts]
+        return [_generate_one_without_cache(model, p, stop_ids, max_new_tokens, pause, probe,
+                                            (lambda t, row=row: on_token(row, t)) if on_token else None)
+                for row, p in enumerate(prompts)]
     device = next(model.parameters()).device
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
@@ -80,6 +84,8 @@ def greedy_generate(
             next_ids = _pick(logits, pause, step, probe, out, done)
             for row in torch.nonzero(~done).flatten().tolist():
                 out[row].tokens.append(int(next_ids[row]))
+                if on_token is not None:
+                    on_token(row, int(next_ids[row]))
             newly_stopped = torch.isin(next_ids, stop) & ~done
             for row in torch.nonzero(newly_stopped).flatten().tolist():
                 out[row].stopped = True
@@ -108,7 +114,7 @@ def _pick(logits, pause, step, probe, out, done):
     return logits.argmax(dim=-1)
 
 
-def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, probe) -> Generation:
+def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, probe, on_token=None) -> Generation:
     device = next(model.parameters()).device
     tokens = torch.tensor([list(prompt)], device=device)
     out = Generation(tokens=[], stopped=False)
@@ -117,6 +123,8 @@ def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, 
         logits = last_logits(model(tokens))
         next_id = _pick(logits, pause, step, probe, [out], done)
         out.tokens.append(int(next_id))
+        if on_token is not None:
+            on_token(int(next_id))
         tokens = torch.cat([tokens, next_id[:, None]], dim=1)
         if int(next_id) in stop_ids:
             out.stopped = True

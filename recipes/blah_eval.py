@@ -30,19 +30,16 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text
-from torchtune_blah.data.squad import PROMPT_STYLES, filter_context_words, load_squad_records
+from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
-from torchtune_blah.eval.run import abstention_probe, answer_records
+from torchtune_blah.eval.run import abstention_probe, answer_records, run_prompts
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
 from torchtune_blah.pause import read_pause_embeddings
+from torchtune_blah.resumable import ResumableJsonl, jsonl
 
 log = utils.get_logger("INFO")
-
-
-def _jsonl(rows) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _run_config(cfg: DictConfig) -> DictConfig:
@@ -74,12 +71,7 @@ class BlahEvalRecipe:
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._run_cfg = _run_config(cfg)
         self._stage = _stage(cfg)
-        run_dataset = self._run_cfg.get("dataset") or {}
-        self._prompt_style = str(cfg.get("prompt_style") or run_dataset.get("prompt_style", "single_turn"))
-        if self._prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self._prompt_style!r}")
-        self._prompts = {k: run_dataset[k] for k in ("system_prompt", "single_turn_prompt", "multi_turn_first_prompt",
-                                                     "multi_turn_second_prompt") if k in run_dataset}
+        self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))
         self._output_dir = str(cfg.output_dir)
         self._batch_size = int(cfg.get("batch_size", 8))
         data = cfg.dataset
@@ -130,52 +122,25 @@ class BlahEvalRecipe:
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
                  f"{len(self._records)} questions")
 
-    def _batches(self) -> List[list]:
-        """Fixed batches over the question order, so a resumed run pads and decodes exactly as an uninterrupted one."""
-        return [self._records[i:i + self._batch_size] for i in range(0, len(self._records), self._batch_size)]
-
-    def _finished_batches(self, path: str) -> Dict[str, Dict[str, Any]]:
-        """Rows of batches written completely; a torn last line or a partial batch is redone."""
-        rows = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        break
-                    rows[row["id"]] = row
-        complete = {}
-        for batch in self._batches():
-            if all(r.id in rows for r in batch):
-                complete.update({r.id: rows[r.id] for r in batch})
-        return complete
-
     def evaluate(self) -> Dict[str, Any]:
         path = os.path.join(self._output_dir, "predictions.jsonl")
-        done = self._finished_batches(path)
-        # Rewrite the file with complete batches only (atomically), then append.
-        atomic_text(_jsonl(done[r.id] for r in self._records if r.id in done), path)
-        todo = [b for b in self._batches() if not all(r.id in done for r in b)]
-        if done:
-            log.info(f"Resuming: {len(done)} questions already answered in {path}")
-        pbar = tqdm(total=len(self._records), initial=len(done), unit="ex", dynamic_ncols=True)
+        output = ResumableJsonl(path, self._records, self._batch_size)
+        if output.done:
+            log.info(f"Resuming: {len(output.done)} questions already answered in {path}")
+        pbar = tqdm(total=len(self._records), initial=len(output.done), unit="ex", dynamic_ncols=True)
         start = time.perf_counter()
         answered = 0
         with open(path, "a", encoding="utf-8") as out:
-            for batch in todo:
+            for batch in output.todo():
                 rows = answer_records(self._model, self._tokenizer, batch, self._pause,
                                       prompt_style=self._prompt_style, stop_ids=self._stop_ids, probe=self._probe,
                                       max_new_tokens=self._settings["max_new_tokens"], prompts=self._prompts)
-                out.write(_jsonl(rows))
-                out.flush()
-                os.fsync(out.fileno())
-                done.update({r["id"]: r for r in rows})
+                output.append(out, rows)
                 answered += len(rows)
                 pbar.update(len(rows))
                 pbar.set_postfix(ex_per_s=f"{answered / (time.perf_counter() - start):.2f}")
         pbar.close()
-        return self._write_results([done[r.id] for r in self._records])
+        return self._write_results(output.rows())
 
     def _write_results(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         out = self._output_dir
@@ -195,7 +160,7 @@ class BlahEvalRecipe:
         atomic_text(results_row(name, metrics["seed"]), os.path.join(out, "results.md"))
         records = {r.id: r for r in self._records}
         queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"))
-        atomic_text(_jsonl(queue), os.path.join(out, "review_queue.jsonl"))
+        atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics
 

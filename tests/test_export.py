@@ -14,7 +14,7 @@ from torchtune import config
 
 from conftest import REPO
 from torchtune_blah.data.chat import answer_prompt, tokenize_chat
-from torchtune_blah.data.squad import ANSWER_PREFIX, answer_block, load_squad_records, squad_messages
+from torchtune_blah.data.squad import ANSWER_PREFIX, load_squad_records, squad_messages
 from torchtune_blah.export import ExportError, export_run, plan_export
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model, read_run_config

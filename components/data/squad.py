@@ -310,3 +310,48 @@ def load_squad_records(
             raise SquadRecordError(f"record {i}: id {record.id!r} repeats record {seen[record.id]}; ids must be unique")
         seen[record.id] = i
     return records
+
+
+def question_id(context: str, question: str) -> str:
+    """A stable id for a question given without one: the same text gets the same id on every run."""
+    return "q-" + hashlib.sha1(f"{context}\x00{question}".encode("utf-8")).hexdigest()[:16]
+
+
+def load_questions_jsonl(path: str) -> List[SquadRecord]:
+    """Unlabeled questions, one JSON object per line: ``{"context": ..., "question": ...}`` with an
+    optional ``id`` (default: ``question_id``) and ``title``; any ``answers`` are ignored.
+
+    Every line is checked before anything runs; an error names the line and the field.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"questions: {path} does not exist")
+    records, lines_of = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"questions: line {n} of {path}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SquadRecordError(f"{where} is not JSON ({e.msg})") from None
+            if not isinstance(raw, Mapping):
+                raise SquadRecordError(f"{where} must be a JSON object with \"context\" and \"question\"")
+            for field in ("context", "question"):
+                if not isinstance(raw.get(field), str) or not raw[field].strip():
+                    raise SquadRecordError(f"{where}: field {field!r} must be a non-empty string")
+            rid = raw.get("id")
+            if rid is None:
+                rid = question_id(raw["context"], raw["question"])
+            elif not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+                raise SquadRecordError(f"{where}: field 'id' must be a non-empty string")
+            rid = str(rid)
+            if rid in lines_of:
+                raise SquadRecordError(f"{where}: id {rid!r} repeats line {lines_of[rid]} (the same question twice, "
+                                       "or two records with one id); give each question its own id")
+            lines_of[rid] = n
+            records.append(SquadRecord(id=rid, context=raw["context"], question=raw["question"], answers=(),
+                                       title=str(raw.get("title") or "")))
+    if not records:
+        raise SquadRecordError(f"questions: {path} holds no questions")
+    return records

@@ -9,18 +9,32 @@ trained on; the raw reply when it did not parse).
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
-from torchtune_blah.chat_format import chat_format
+from torchtune_blah.chat_format import chat_format, render_chat
 from torchtune_blah.data.chat import answer_prompt
-from torchtune_blah.data.squad import ANSWER_PREFIX, NO_ANSWER, SquadRecord, answer_block
+from torchtune_blah.data.squad import ANSWER_PREFIX, NO_ANSWER, ChatMessage, SquadRecord, answer_block, squad_messages
 from torchtune_blah.eval.metrics import official_prediction, score_example
 from torchtune_blah.eval.parse import extract_answer
 from torchtune_blah.generation import greedy_generate, last_logits
 from torchtune_blah.pause import PauseTokens, mask_pause_logits
+
+
+PROMPT_KEYS = ("system_prompt", "single_turn_prompt", "multi_turn_first_prompt", "multi_turn_second_prompt")
+
+
+def run_prompts(run_cfg: Any, prompt_style: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
+    """The prompt style (``prompt_style`` overrides the run's) and prompt texts a run trained with."""
+    from torchtune_blah.data.squad import PROMPT_STYLES
+
+    dataset = run_cfg.get("dataset") or {}
+    style = str(prompt_style or dataset.get("prompt_style", "single_turn"))
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {style!r}")
+    return style, {k: dataset[k] for k in PROMPT_KEYS if k in dataset}
 
 
 @dataclass(frozen=True)
@@ -60,10 +74,10 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
     return float(torch.softmax(logits, dim=-1)[0, probe.token])
 
 
-def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache):
+def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache, on_token=None):
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
                            pause=pause, use_cache=use_cache,
-                           probe=(probe.step, probe.token))
+                           probe=(probe.step, probe.token), on_token=on_token)
     fmt = chat_format(tokenizer)
     replies = []
     for prompt, gen in zip(prompts, gens):
@@ -76,7 +90,17 @@ def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe,
     return replies
 
 
-def answer_records(
+@dataclass
+class Reply:
+    """The model's answer to one question."""
+
+    text: str  # the reply from the forced prefix "\n```json" on, as generated
+    na_prob: float  # P(abstention token) where the answer value starts
+    answer: Optional[str]  # parsed from the JSON block; None when it does not parse
+    first_turn: Optional[str] = None  # multi_turn: the reply to the yes/no question
+
+
+def generate_replies(
     model: nn.Module,
     tokenizer: Any,
     records: Sequence[SquadRecord],
@@ -88,30 +112,80 @@ def answer_records(
     max_new_tokens: int = 64,
     use_cache: bool = True,
     prompts: Optional[Dict[str, Any]] = None,
-) -> List[Dict[str, Any]]:
-    """Answer ``records`` (one batch); one result row per record (predictions.jsonl)."""
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> List[Reply]:
+    """Answer ``records`` (one batch; gold answers are not needed). ``on_token(row, id)``
+    sees every generated token (of the last turn, in multi_turn)."""
     prompts = prompts or {}
     pause = pause if pause is not None and pause.num else None  # zero pause tokens: nothing to insert or mask
     pause_ids = pause.sequence if pause is not None else []
     first = [answer_prompt(tokenizer, r, pause_ids, prompt_style, **prompts) for r in records]
-    replies = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, probe, use_cache)
+    replies = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, probe, use_cache,
+                        on_token if prompt_style == "single_turn" else None)
     first_turn = [None] * len(records)
     if prompt_style == "multi_turn":
         first_turn = [reply for reply, _ in replies]
         fed_back = [answer_block(a) if (a := extract_answer(t)) is not None else t for t in first_turn]
         second = [answer_prompt(tokenizer, r, pause_ids, prompt_style, first_reply=f, **prompts)
                   for r, f in zip(records, fed_back)]
-        replies = _generate(model, tokenizer, second, pause, stop_ids, max_new_tokens, probe, use_cache)
+        replies = _generate(model, tokenizer, second, pause, stop_ids, max_new_tokens, probe, use_cache, on_token)
+    return [Reply(text=text, na_prob=prob, answer=extract_answer(text), first_turn=turn1)
+            for (text, prob), turn1 in zip(replies, first_turn)]
+
+
+def answer_records(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[SquadRecord],
+    pause: Optional[PauseTokens],
+    **kwargs: Any,
+) -> List[Dict[str, Any]]:
+    """Answer and score ``records`` (one batch); one result row per record (predictions.jsonl).
+    Keyword arguments as ``generate_replies``."""
     rows = []
-    for record, (reply, na_prob), turn1 in zip(records, replies, first_turn):
-        answer = extract_answer(reply)
+    for record, reply in zip(records, generate_replies(model, tokenizer, records, pause, **kwargs)):
         row = {
             "id": record.id, "question": record.question, "gold_answers": list(record.answers),
-            "has_answer": record.has_answer, "model_answer": answer, "raw_output": reply,
-            "prediction": official_prediction(answer), "na_prob": na_prob,
-            **score_example(record.answers, answer),
+            "has_answer": record.has_answer, "model_answer": reply.answer, "raw_output": reply.text,
+            "prediction": official_prediction(reply.answer), "na_prob": reply.na_prob,
+            **score_example(record.answers, reply.answer),
         }
-        if turn1 is not None:
-            row["first_turn_output"] = turn1
+        if reply.first_turn is not None:
+            row["first_turn_output"] = reply.first_turn
         rows.append(row)
     return rows
+
+
+EXPLAIN_PROMPT = "Explain your reasoning."
+
+
+def explain_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[SquadRecord],
+    replies: Sequence[Reply],
+    pause: Optional[PauseTokens],
+    *,
+    prompt_style: str,
+    explain_prompt: str = EXPLAIN_PROMPT,
+    max_new_tokens: int = 256,
+    prompts: Optional[Dict[str, Any]] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> List[str]:
+    """The follow-up turn of the seed's chat app: after its answer, the model is asked
+    ``explain_prompt`` and answers in free text (until its end of turn)."""
+    fmt = chat_format(tokenizer)
+    pause = pause if pause is not None and pause.num else None
+    pause_ids = pause.sequence if pause is not None else []
+    conversations = []
+    for record, reply in zip(records, replies):
+        turns = [reply.first_turn, reply.text] if prompt_style == "multi_turn" else [reply.text]
+        # Each earlier reply goes back as the JSON block it parsed to (the form it was trained on).
+        fed_back = iter([answer_block(a) if (a := extract_answer(t)) is not None else t for t in turns])
+        messages = [ChatMessage(m.role, next(fed_back)) if m.role == "assistant" else m
+                    for m in squad_messages(record, prompt_style, **(prompts or {}))]
+        messages += [ChatMessage("user", explain_prompt), ChatMessage("assistant", "")]
+        conversations.append(render_chat(fmt, messages, pause_ids, add_last_end=False)[0])
+    gens = greedy_generate(model, conversations, pad_id=tokenizer.pad_id, stop_ids=set(fmt.end_ids),
+                           max_new_tokens=max_new_tokens, pause=pause, on_token=on_token)
+    return [fmt.decode([t for t in g.tokens if t not in fmt.end_ids]).strip() for g in gens]

@@ -1,0 +1,60 @@
+"""A JSONL output that survives being killed: one row per item, written in fixed batches.
+
+``blah_eval`` and ``blah_generate`` answer questions in batches and append each finished batch
+to their ``.jsonl`` file (flushed and fsynced). A rerun keeps the rows of batches that were
+written completely, rewrites the file with exactly those (atomically: a torn last line or a
+partial batch disappears), and answers the rest. The batches are fixed over the item order, so
+a resumed run pads and decodes every batch exactly as an uninterrupted one would.
+"""
+
+import json
+import os
+from typing import Any, Dict, Iterable, List, Sequence
+
+from torchtune_blah.checkpointing import atomic_text
+
+
+def jsonl(rows: Iterable[Dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+class ResumableJsonl:
+    """Rows keyed by ``id``, for ``items`` (objects with an ``id``) in batches of ``batch_size``."""
+
+    def __init__(self, path: str, items: Sequence[Any], batch_size: int):
+        self.path = path
+        self.batches: List[List[Any]] = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+        self.items = list(items)
+        self.done: Dict[str, Dict[str, Any]] = self._complete_batches()
+        # Keep complete batches only (atomically), then append from there.
+        atomic_text(jsonl(self.done[x.id] for x in self.items if x.id in self.done), path)
+
+    def _complete_batches(self) -> Dict[str, Dict[str, Any]]:
+        rows = {}
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a torn last line: the batch it belongs to is redone
+                    rows[row["id"]] = row
+        complete = {}
+        for batch in self.batches:
+            if all(x.id in rows for x in batch):
+                complete.update({x.id: rows[x.id] for x in batch})
+        return complete
+
+    def todo(self) -> List[List[Any]]:
+        return [b for b in self.batches if not all(x.id in self.done for x in b)]
+
+    def append(self, out, rows: List[Dict[str, Any]]) -> None:
+        """Write one finished batch to ``out`` (this file, opened for appending) and make it durable."""
+        out.write(jsonl(rows))
+        out.flush()
+        os.fsync(out.fileno())
+        self.done.update({r["id"]: r for r in rows})
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """Every row, in item order (all batches must be done)."""
+        return [self.done[x.id] for x in self.items]

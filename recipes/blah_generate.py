@@ -1,0 +1,164 @@
+# torchtune-blah: answer new, unlabeled questions with a trained run.
+#
+#   tune run blah_generate --config blah_generate run_dir=/tmp/torchtune-blah/smollm2_135m \
+#     context="..." question="..." explain=true
+#   tune run blah_generate --config blah_generate run_dir=... questions=questions.jsonl
+#
+# The same model, prompts, pause tokens, stop rule and abstention probability as blah_eval
+# (torchtune_blah.eval.run), without gold answers. Rows are appended to
+# output_dir/generations.jsonl one finished batch at a time; a rerun resumes
+# (torchtune_blah.resumable).
+
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+from tqdm import tqdm
+
+from torchtune_blah.chat_format import chat_format
+from torchtune_blah.checkpointing import atomic_json
+from torchtune_blah.data.squad import ANSWER_PREFIX, SquadRecord, load_questions_jsonl, question_id
+from torchtune_blah.eval.metrics import official_prediction
+from torchtune_blah.eval.run import EXPLAIN_PROMPT, abstention_probe, explain_replies, generate_replies, run_prompts
+from torchtune_blah.generation import stop_token_ids
+from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
+from torchtune_blah.resumable import ResumableJsonl
+
+log = utils.get_logger("INFO")
+OUTPUT_FILE = "generations.jsonl"
+
+
+def _questions(cfg: DictConfig) -> List[SquadRecord]:
+    one = cfg.get("context") is not None or cfg.get("question") is not None
+    if bool(cfg.get("questions")) == one:
+        raise ValueError("give either questions=<file.jsonl> or both context=... and question=...")
+    if not one:
+        return load_questions_jsonl(str(cfg.questions))
+    context, question = cfg.get("context"), cfg.get("question")
+    for name, value in (("context", context), ("question", question)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty text (quote it on the command line: {name}=\"...\")")
+    return [SquadRecord(id=question_id(context, question), context=context, question=question, answers=())]
+
+
+class _Streamer:
+    """Prints one reply's tokens as they come (decoding the whole reply each time, so multi-byte
+    characters split across tokens print once complete)."""
+
+    def __init__(self, fmt):
+        self.fmt, self.tokens, self.printed = fmt, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        if token in self.fmt.end_ids:
+            return
+        self.tokens.append(token)
+        text = self.fmt.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+class BlahGenerateRecipe:
+    def __init__(self, cfg: DictConfig) -> None:
+        self._cfg = cfg
+        self._run_dir = str(cfg.run_dir)
+        self._run_cfg = read_run_config(self._run_dir)
+        self._stage = resolve_stage(self._run_dir, str(cfg.get("stage", "latest")))
+        self._device = utils.get_device(device=cfg.get("device") or self._run_cfg.get("device", "cpu"))
+        self._dtype = training.get_dtype(cfg.get("dtype") or self._run_cfg.get("dtype", "fp32"), device=self._device)
+        self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))
+        self._records = _questions(cfg)
+        one_question = cfg.get("questions") is None
+        self._stream = bool(one_question if cfg.get("stream") is None else cfg.stream)
+        self._batch_size = 1 if self._stream else int(cfg.get("batch_size", 8))
+        self._output_dir = str(cfg.output_dir)
+        self._settings = {
+            "run_dir": self._run_dir, "stage": self._stage, "prompt_style": self._prompt_style,
+            "explain": bool(cfg.get("explain", False)), "explain_prompt": str(cfg.get("explain_prompt", EXPLAIN_PROMPT)),
+            "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
+            "max_explain_tokens": int(cfg.get("max_explain_tokens", 256)),
+        }
+
+    def setup(self) -> None:
+        os.makedirs(self._output_dir, exist_ok=True)
+        path = os.path.join(self._output_dir, "generate_settings.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                previous = json.load(f)
+            changed = [k for k in self._settings if previous.get(k) != self._settings[k]]
+            if changed:
+                raise ValueError(f"{self._output_dir} holds answers made with other settings ({changed}); choose "
+                                 "another output_dir to keep both")
+        atomic_json(self._settings, path)
+        self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
+        self._fmt = chat_format(self._tokenizer)
+        self._model, self._pause = load_run_model(
+            self._run_cfg, self._run_dir, self._stage, self._device, self._dtype,
+            staging_dir=os.path.join(self._output_dir, ".checkpointer"), quantize_base=self._cfg.get("quantize_base"))
+        self._stop_ids = stop_token_ids(self._tokenizer)
+        self._probe = abstention_probe(self._tokenizer)
+
+    def _answer(self, batch: List[SquadRecord]) -> List[Dict[str, Any]]:
+        settings = self._settings
+        if self._stream:
+            print(f"\nQuestion: {batch[0].question}\nReply: {ANSWER_PREFIX}", end="", flush=True)
+        replies = generate_replies(self._model, self._tokenizer, batch, self._pause, prompt_style=self._prompt_style,
+                                   stop_ids=self._stop_ids, probe=self._probe,
+                                   max_new_tokens=settings["max_new_tokens"], prompts=self._prompts,
+                                   on_token=_Streamer(self._fmt) if self._stream else None)
+        explanations = [None] * len(batch)
+        if settings["explain"]:
+            if self._stream:
+                print(f"\n\n{settings['explain_prompt']}\n", end="", flush=True)
+            explanations = explain_replies(self._model, self._tokenizer, batch, replies, self._pause,
+                                           prompt_style=self._prompt_style, explain_prompt=settings["explain_prompt"],
+                                           max_new_tokens=settings["max_explain_tokens"], prompts=self._prompts,
+                                           on_token=_Streamer(self._fmt) if self._stream else None)
+        rows = []
+        for record, reply, explanation in zip(batch, replies, explanations):
+            row = {"id": record.id, "title": record.title, "context": record.context, "question": record.question,
+                   "answer": reply.answer, "prediction": official_prediction(reply.answer), "na_prob": reply.na_prob,
+                   "raw_output": reply.text, "run_dir": self._run_dir, "stage": self._stage}
+            if reply.first_turn is not None:
+                row["first_turn_output"] = reply.first_turn
+            if explanation is not None:
+                row["explanation"] = explanation
+            rows.append(row)
+            if self._stream:
+                print(f"\n\nAnswer: {reply.answer!r}   P(no answer in the context) = {reply.na_prob:.3f}")
+        return rows
+
+    def generate(self) -> List[Dict[str, Any]]:
+        path = os.path.join(self._output_dir, OUTPUT_FILE)
+        output = ResumableJsonl(path, self._records, self._batch_size)
+        if output.done:
+            log.info(f"Resuming: {len(output.done)} questions already answered in {path}")
+        pbar = None if self._stream else tqdm(total=len(self._records), initial=len(output.done), unit="q",
+                                              dynamic_ncols=True)
+        with open(path, "a", encoding="utf-8") as out:
+            for batch in output.todo():
+                rows = self._answer(batch)
+                output.append(out, rows)
+                if pbar is not None:
+                    pbar.update(len(rows))
+        if pbar is not None:
+            pbar.close()
+        rows = output.rows()
+        abstained = sum(r["prediction"] == "" for r in rows)
+        log.info(f"blah_generate: {len(rows)} answers ({abstained} 'not in the context') in {path}")
+        return rows
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="BlahGenerateRecipe", cfg=cfg)
+    recipe = BlahGenerateRecipe(cfg)
+    recipe.setup()
+    recipe.generate()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -314,6 +314,7 @@ def prompt_spec(plan: ExportPlan) -> Dict[str, Any]:
         "end_token_ids": list(plan.fmt.end_ids),
         "suppress_token_ids": list(plan.pause.ids) if plan.pause is not None else [],
         "how_to_prompt": (
+            "fill the prompt's {context} and {question} by plain replacement (its JSON braces are literal); "
             "text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) "
             "+ answer_prefix (the chat template already writes the pause tokens after the assistant header); "
             "encode with add_special_tokens=False; decode greedily, never emitting suppress_token_ids, and stop "

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 
@@ -21,7 +22,10 @@ from conftest import REPO
 CONFIGS = [(name, os.path.join(REPO, "configs", f)) for entry in RECIPES for name, f in entry.configs]
 TRAIN_CONFIGS = [(n, p) for entry in RECIPES if entry.name == "blah_qlora" for n, p in CONFIGS
                  if n in dict(entry.configs)]
-EVAL_CONFIGS = [(n, p) for n, p in CONFIGS if (n, p) not in TRAIN_CONFIGS]
+# blah_export / blah_generate: the config has its recipe's name, which `tune cp` resolves to the recipe
+RECIPE_NAMES = {entry.name for entry in RECIPES}
+EVAL_CONFIGS = [(n, os.path.join(REPO, "configs", f)) for entry in RECIPES if entry.name == "blah_eval"
+                for n, f in entry.configs]
 
 
 # Rows of each family's token-embedding table (config.json's vocab_size).
@@ -71,11 +75,23 @@ def test_eval_config_keys(name, path):
     assert {"source", "max_examples", "shuffle_seed"} <= set(cfg.dataset)
 
 
+def test_export_and_generate_configs_name_every_key_their_recipes_read():
+    export = OmegaConf.load(os.path.join(REPO, "configs", "blah_export.yaml"))
+    assert set(export) == {"run_dir", "stage", "output_dir", "format", "dtype", "eval_dirs"}
+    assert OmegaConf.is_missing(export, "run_dir") and OmegaConf.is_missing(export, "output_dir")
+    generate = OmegaConf.load(os.path.join(REPO, "configs", "blah_generate.yaml"))
+    source = open(os.path.join(REPO, "recipes", "blah_generate.py")).read()
+    read = set(re.findall(r"(?<![\w.])(?:self\._)?cfg\.(?:get\(\")?(\w+)", source))  # cfg.x, cfg.get("x")
+    assert read and read <= set(generate), read - set(generate)
+
+
 def test_tune_cp_copies_our_recipe_and_configs(tmp_path):
     tune = shutil.which("tune")
     for name, target, source in [("blah_qlora", "r.py", os.path.join(REPO, "recipes", "blah_qlora.py")),
-                                 ("blah_eval", "e.py", os.path.join(REPO, "recipes", "blah_eval.py"))] + [
-            (n, f"{n}.yaml", p) for n, p in CONFIGS]:
+                                 ("blah_eval", "e.py", os.path.join(REPO, "recipes", "blah_eval.py")),
+                                 ("blah_export", "x.py", os.path.join(REPO, "recipes", "blah_export.py")),
+                                 ("blah_generate", "g.py", os.path.join(REPO, "recipes", "blah_generate.py"))] + [
+            (n, f"{n}.yaml", p) for n, p in CONFIGS if n not in RECIPE_NAMES]:
         result = subprocess.run([tune, "cp", name, target], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         with open(source) as f:

@@ -214,8 +214,8 @@ def merged_hf_state_dict(model: torch.nn.Module, plan: ExportPlan) -> Dict[str, 
         hf = qwen2_tune_to_hf(state, **_attention_shape(plan.base_config), tie_word_embeddings=False)
     else:
         hf = tune_to_hf(state, **_attention_shape(plan.base_config))
-    # contiguous, in the export dtype, no shared storage (safetensors refuses it)
-    return {k: v.detach().to(plan.dtype).contiguous().clone() for k, v in hf.items()}
+    # contiguous, in the export dtype (no two tensors share storage: the output table was copied above)
+    return {k: v.detach().to(plan.dtype).contiguous() for k, v in hf.items()}
 
 
 def write_safetensors_shards(state: Dict[str, torch.Tensor], folder: str, max_bytes: int = MAX_SHARD_BYTES) -> None:

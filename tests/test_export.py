@@ -307,3 +307,73 @@ def test_smollm2_peft_export_gives_the_same_logits(smollm2_run, tmp_path):
             x = torch.tensor([answer_prompt(tokenizer, record, pause.sequence, "single_turn")])
             ours = model(x)
             assert (ours - peft_model(x).logits[..., : ours.shape[-1]]).abs().max().item() <= 5e-4
+
+
+# ----------------------------------------------------------------------------- Qwen2 architecture
+
+
+QWEN2_ARGS = dict(vocab_size=49152, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
+                  max_seq_len=2048, norm_eps=1e-5, rope_base=1e6, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def qwen2_run(tmp_path_factory):
+    """A random-weight Qwen2-architecture base (q/k/v biases, Hugging Face's rotary layout, tied
+    embeddings) with SmolLM2's ChatML tokenizer, trained a few steps: the export's Qwen2 paths."""
+    from safetensors.torch import save_file
+    from torchtune.models.qwen2._component_builders import qwen2
+    from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+
+    base = tmp_path_factory.mktemp("qwen2_base")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = qwen2(**QWEN2_ARGS)
+    hf = qwen2_tune_to_hf({k: v.contiguous() for k, v in model.state_dict().items()}, num_heads=4, num_kv_heads=2,
+                          dim=64, tie_word_embeddings=True)
+    save_file(hf, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 49152, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 2048, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "use_sliding_window": False, "torch_dtype": "float32"}))
+    smollm2 = prepared_smollm2_dir()
+    out = tmp_path_factory.mktemp("qwen2") / "run"
+    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "smollm2_135m_blah.yaml")), OmegaConf.from_dotlist([
+        f"output_dir={out}", f"tokenizer.path={smollm2}/tokenizer.json", f"checkpointer.checkpoint_dir={base}",
+        "checkpointer.model_type=QWEN2", "save_adapter_weights_only=true", "dtype=fp32", "embed.max_steps=2",
+        "embed.batch_size=2", "lora.max_steps=2", "lora.batch_size=2", "lora.optimizer.lr=0.05",
+        "embed.save_every_n_steps=null", "lora.save_every_n_steps=null"]))
+    cfg.model = OmegaConf.create({
+        "_component_": "torchtune.models.qwen2._component_builders.lora_qwen2",
+        "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
+        "lora_rank": 8, "lora_alpha": 16, **QWEN2_ARGS})
+    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+    return str(out), str(base)
+
+
+def test_qwen2_architecture_exports_match_torchtune(qwen2_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, base_dir = qwen2_run
+    records = load_squad_records("bundled_sample")[:2]
+    hf_dir = _export(run, tmp_path / "hf")
+    assert json.load(open(os.path.join(hf_dir, "config.json")))["model_type"] == "qwen2"
+    model, pause, tokenizer = _check_logits(run, hf_dir, "lora", records, tmp_path)
+    lora_b = [p for n, p in model.named_parameters() if n.endswith("q_proj.lora_b.weight")]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # the adapter moved: a wrong q/k layout would show
+
+    peft_dir = _export(run, tmp_path / "peft", format="peft", dtype="fp32")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(peft_dir)))
+    peft_model = PeftModel.from_pretrained(base, peft_dir).eval()
+    with torch.no_grad():
+        for record in records:
+            x = torch.tensor([answer_prompt(tokenizer, record, pause.sequence, "single_turn")])
+            ours = model(x)
+            assert (ours - peft_model(x).logits[..., : ours.shape[-1]]).abs().max().item() <= 5e-4

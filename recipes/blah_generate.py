@@ -143,6 +143,9 @@ class BlahGenerateRecipe:
                 rows = self._answer(batch)
                 output.append(out, rows)
                 if pbar is not None:
+                    for row in rows:
+                        tqdm.write(f"{row['id']}: {row['answer']!r}  P(no answer)={row['na_prob']:.3f}  "
+                                   f"({row['question'][:60]})")
                     pbar.update(len(rows))
         if pbar is not None:
             pbar.close()

@@ -89,7 +89,10 @@ def test_sigkill_then_rerun_gives_the_same_file(trained_run, questions, tmp_path
                 f"output_dir={out}", f"questions={path}", "batch_size=2"]
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert subprocess.run(args(whole), cwd=tmp_path, capture_output=True, timeout=600).returncode == 0
+    result = subprocess.run(args(whole), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0
+    rows = [json.loads(line) for line in (whole / "generations.jsonl").read_text().splitlines()]
+    assert f"{rows[3]['id']}: {rows[3]['answer']!r}  P(no answer)={rows[3]['na_prob']:.3f}" in result.stdout + result.stderr
     proc = subprocess.Popen(args(killed), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     output = killed / "generations.jsonl"
     deadline = time.time() + 300

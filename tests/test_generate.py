@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from torchtune_blah.data.squad import SquadRecordError, load_questions_jsonl, load_squad_records
+from torchtune_blah.data.squad import SquadRecordError, load_questions_jsonl, load_squad_records, question_id
 from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
 from torchtune_blah.recipes.blah_generate import BlahGenerateRecipe
 
@@ -49,7 +49,7 @@ def test_unlabeled_questions_get_the_answers_blah_eval_gives(trained_run, questi
     rows = _generate(_cfg(trained_run, tmp_path / "gen", questions=path))
     assert len(rows) == 20 and len({r["id"] for r in rows}) == 20
     assert [r["id"] for r in rows[::2]] == [r.id for r in records[::2]]
-    assert all(r["id"].startswith("q-") for r in rows[1::2])
+    assert [r["id"] for r in rows[1::2]] == [question_id(r.context, r.question) for r in records[1::2]]
     assert rows == [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
     # the same model, prompts and batches as blah_eval on the same questions: the same replies
     eval_cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "demo_cpu_blah_eval.yaml")),

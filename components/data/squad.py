@@ -199,6 +199,12 @@ def _answer_texts(raw_answers: Any, where: str) -> Tuple[str, ...]:
     return tuple(texts)
 
 
+def question_id(context: str, question: str) -> str:
+    """The id of a question given without one. Stable across sources and runs, so resumed
+    evaluations, generations and review queues line up."""
+    return hashlib.sha1((context + "\x00" + question).encode("utf-8")).hexdigest()[:24]
+
+
 def record_from_dict(raw: Any, origin: str = "input", index: int = 0) -> SquadRecord:
     """Validate and normalise one flat record (hub row, flattened official qa, or user JSON)."""
     where = _where(origin, index, raw)
@@ -216,8 +222,7 @@ def record_from_dict(raw: Any, origin: str = "input", index: int = 0) -> SquadRe
         raise SquadRecordError(f"{where}: 'is_impossible' is true but 'answers' is not empty")
     rid = raw.get("id")
     if rid is None:
-        # Stable across sources and runs, so resumed evaluations and review queues line up.
-        rid = hashlib.sha1((raw["context"] + "\x00" + raw["question"]).encode("utf-8")).hexdigest()[:24]
+        rid = question_id(raw["context"], raw["question"])
     return SquadRecord(
         id=str(rid), context=raw["context"], question=raw["question"], answers=answers,
         title=str(raw.get("title") or ""),
@@ -312,9 +317,6 @@ def load_squad_records(
     return records
 
 
-def question_id(context: str, question: str) -> str:
-    """A stable id for a question given without one: the same text gets the same id on every run."""
-    return "q-" + hashlib.sha1(f"{context}\x00{question}".encode("utf-8")).hexdigest()[:16]
 
 
 def load_questions_jsonl(path: str) -> List[SquadRecord]:

@@ -1,0 +1,243 @@
+"""The review tool: SQLite store, import/export, the web app's API under two concurrent reviewers."""
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from torchtune_blah.data.squad import load_squad_records
+from torchtune_blah.review.__main__ import main as review_cli
+from torchtune_blah.review.db import ReviewDB, ReviewError
+from torchtune_blah.review.sources import SourceError, read_items
+
+
+@pytest.fixture(scope="module")
+def eval_output(trained_run, tmp_path_factory):
+    """A real blah_eval output folder (tiny trained run, 24 dev questions)."""
+    from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
+
+    out = tmp_path_factory.mktemp("review_eval") / "eval"
+    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "demo_cpu_blah_eval.yaml")),
+                          OmegaConf.from_dotlist([f"run_dir={trained_run}", f"output_dir={out}",
+                                                  "dataset.max_examples=24", "review_queue_size=null"]))
+    recipe = BlahEvalRecipe(cfg)
+    recipe.setup()
+    recipe.evaluate()
+    return out
+
+
+def synthetic_generations(path, n, seed=0):
+    """A generations.jsonl-shaped file over real dev questions, with made-up model answers (for
+    queue mechanics only: no accuracy is read from it)."""
+    rng = random.Random(seed)
+    records = load_squad_records("bundled_sample")[:n]
+    with open(path, "w") as f:
+        for r in records:
+            answer = r.answers[0] if r.answers and rng.random() < 0.7 else "?"
+            f.write(json.dumps({"id": r.id, "context": r.context, "question": r.question, "answer": answer,
+                                "prediction": "" if answer == "?" else answer, "na_prob": rng.random(),
+                                "raw_output": f'\n```json\n{{\n  "answer": "{answer}"\n}}', "run_dir": "/runs/x",
+                                "stage": "lora"}) + "\n")
+    return str(path)
+
+
+def test_import_reads_every_source_once(eval_output, tmp_path):
+    db = ReviewDB(str(tmp_path / "review.sqlite"))
+    items = read_items(str(eval_output / "predictions.jsonl"))
+    assert len(items) == 24 and all(it.context and it.run_dir and it.stage == "lora" for it in items)
+    assert db.import_items(items) == 24
+    assert db.import_items(read_items(str(eval_output / "predictions.jsonl"))) == 0  # twice: nothing twice
+    # review_queue.jsonl holds the same model outputs: nothing new either
+    assert db.import_items(read_items(str(eval_output / "review_queue.jsonl"))) == 0
+    gen = synthetic_generations(tmp_path / "generations.jsonl", 10)
+    assert db.import_items(read_items(gen)) == 10
+    assert db.progress() == {"total": 34, "reviewed": 0, "skipped": 0, "agreement": None}
+    # queue order: review_queue.jsonl's order for the evaluated items
+    queue = [json.loads(line)["id"] for line in (eval_output / "review_queue.jsonl").read_text().splitlines()]
+    first = db.next_item("ana")
+    assert first.item["qid"] == queue[0] or first.item["qid"] in queue[:3]
+
+
+def test_bad_imports_write_nothing(eval_output, tmp_path, capsys):
+    db_path = str(tmp_path / "review.sqlite")
+    good = str(eval_output / "predictions.jsonl")
+    bad = tmp_path / "generations.jsonl"
+    synthetic_generations(bad, 5)
+    lines = bad.read_text().splitlines()
+    row = json.loads(lines[3])
+    del row["question"]
+    lines[3] = json.dumps(row)
+    bad.write_text("\n".join(lines) + "\n")
+    assert review_cli(["import", "--db", db_path, good, str(bad)]) == 2
+    assert "line 4 of" in capsys.readouterr().err and "missing field 'question'" in str(
+        pytest.raises(SourceError, read_items, str(bad)).value)
+    assert not os.path.exists(db_path) or ReviewDB(db_path).progress()["total"] == 0
+    lines[3] = '{"id": "x", "context": "c", "question": "q", "answer": "a", "na_prob": "high", "raw_output": ""}'
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match="line 4 .* field 'na_prob' must be a number"):
+        read_items(str(bad))
+    bad.write_text("\n".join(lines[:2]) + "\n{not json\n")
+    with pytest.raises(SourceError, match="line 3 .* is not JSON"):
+        read_items(str(bad))
+    lonely = tmp_path / "lonely" / "predictions.jsonl"
+    lonely.parent.mkdir()
+    lonely.write_text((eval_output / "predictions.jsonl").read_text())
+    with pytest.raises(SourceError, match="eval_data.json must be beside it"):
+        read_items(str(lonely))
+
+
+def test_a_newer_schema_is_refused_untouched(tmp_path):
+    path = str(tmp_path / "review.sqlite")
+    ReviewDB(path)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    before = open(path, "rb").read()
+    with pytest.raises(ReviewError, match="schema version 7, newer"):
+        ReviewDB(path)
+    assert open(path, "rb").read() == before
+
+
+def test_decisions_undo_and_export(tmp_path):
+    db = ReviewDB(str(tmp_path / "review.sqlite"))
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 6)))
+    held = db.next_item("ana")
+    item = held.item
+    assert db.next_item("ana").item["item_id"] == item["item_id"]  # a reload gives the same item
+    context = item["context"]
+    # refused, nothing written: wrong lease, unknown item, a span that is not in the context
+    for kwargs, status in [({"lease_token": "stale"}, 409), ({"item_id": 999}, 404),
+                           ({"action": "span", "answer": "not in there at all", "answer_start": 0}, 422),
+                           ({"action": "span", "answer": context[5:15], "answer_start": 6}, 422),
+                           ({"action": "maybe"}, 400)]:
+        args = {"item_id": item["item_id"], "lease_token": held.token, "reviewer": "ana", "action": "accept", **kwargs}
+        with pytest.raises(ReviewError) as e:
+            db.decide(args.pop("item_id"), args.pop("lease_token"), **args)
+        assert e.value.status == status
+    assert db.decisions() == []
+    db.decide(item["item_id"], held.token, "ana", "span", answer=context[5:15], answer_start=5, note="by hand")
+    second = db.next_item("ana")
+    db.decide(second.item["item_id"], second.token, "ana", "no_answer")
+    undone = db.undo("ana")  # the no-answer decision is undone: that item is back with ana
+    assert undone.item["item_id"] == second.item["item_id"]
+    assert db.next_item("bo").item["item_id"] not in (item["item_id"], second.item["item_id"])
+    db.decide(undone.item["item_id"], undone.token, "ana", "skip")
+    assert [d["action"] for d in db.decisions()] == ["span", "no_answer", "undo", "skip"]
+    assert db.progress()["reviewed"] == 1 and db.progress()["skipped"] == 1
+    out = tmp_path / "corrections.jsonl"
+    assert db.export(str(out)) == 1
+    record = json.loads(out.read_text())
+    assert record["answers"] == [{"text": context[5:15], "answer_start": 5}] and record["note"] == "by hand"
+    assert load_squad_records("json", data_files=str(out))[0].answers == (context[5:15],)  # training data as is
+    with pytest.raises(ReviewError, match="exists; pass --overwrite"):
+        db.export(str(out))
+    stamp = db.decisions()[-1]["decided_at"]
+    later = db.next_item("ana")  # the skipped item comes back last; take a fresh one
+    db.decide(later.item["item_id"], later.token, "ana", "no_answer")
+    assert db.export(str(out), since=stamp, overwrite=True) == 1
+    assert json.loads(out.read_text())["answers"] == []
+    assert review_cli(["export", "--db", str(tmp_path / "review.sqlite"), "--out", str(out)]) == 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The web app on 127.0.0.1 (uvicorn in a thread) over a fresh database."""
+    import uvicorn
+
+    from torchtune_blah.review.server import create_app
+
+    db = ReviewDB(str(tmp_path / "review.sqlite"))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    yield db, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _http(method, url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_errors_are_4xx_and_write_nothing(server, tmp_path):
+    db, url = server
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 3)))
+    status, got = _http("GET", f"{url}/api/next?reviewer=ana")
+    item, lease = got["item"], got["lease"]
+    cases = [({"item_id": 12345}, 404, "unknown item"), ({"lease": "old"}, 409, "not leased to you"),
+             ({"action": "span", "answer": "zzz", "answer_start": 0}, 422, "not the span"),
+             ({"reviewer": ""}, 400, "reviewer must be a name"), ({"item_id": "1"}, 400, "item_id must be")]
+    for change, code, text in cases:
+        body = {"item_id": item["item_id"], "lease": lease, "reviewer": "ana", "action": "no_answer", **change}
+        status, answer = _http("POST", f"{url}/api/decide", body)
+        assert status == code and text in answer["error"], (change, status, answer)
+    assert _http("POST", f"{url}/api/undo", {"reviewer": "ana"})[0] == 409  # nothing to undo yet
+    assert db.decisions() == []
+    status, page = 0, urllib.request.urlopen(f"{url}/", timeout=10).read().decode()
+    assert "<script src=\"/static/app.js\"></script>" in page and "http" not in page.split("<body>")[1].split(
+        "</main>")[0].replace("http://", "")  # no CDN
+
+
+def test_two_reviewers_in_parallel_never_share_an_item(server, tmp_path):
+    db, url = server
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 300, seed=1)))
+    done = {"ana": [], "bo": []}
+    errors = []
+
+    def review(name):
+        rng = random.Random(name)
+        while True:
+            status, got = _http("GET", f"{url}/api/next?reviewer={name}")
+            if status != 200:
+                errors.append((name, status, got))
+                return
+            if got["item"] is None:
+                return
+            action = rng.choice(["accept", "no_answer"]) if got["item"]["highlight"] else "no_answer"
+            status, answer = _http("POST", f"{url}/api/decide", {"item_id": got["item"]["item_id"],
+                                                                 "lease": got["lease"], "reviewer": name,
+                                                                 "action": action})
+            if status != 200:
+                errors.append((name, status, answer))
+                return
+            done[name].append(got["item"]["item_id"])
+
+    threads = [threading.Thread(target=review, args=(n,)) for n in done]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    assert len(done["ana"]) > 50 and len(done["bo"]) > 50  # both really worked in parallel
+    assert not set(done["ana"]) & set(done["bo"])  # no item under two leases
+    assert sorted(done["ana"] + done["bo"]) == list(range(1, 301))  # none lost, none twice
+    decisions = db.decisions()
+    assert len(decisions) == 300 and {d["item_id"] for d in decisions} == set(range(1, 301))
+    assert sum(d["reviewer"] == "ana" for d in decisions) == len(done["ana"])
+    assert db.progress()["reviewed"] == 300

@@ -93,6 +93,41 @@ def check_pause_file(path: str, pause: PauseTokens, dim: Optional[int], key: str
         raise ConfigError(f"{key}: {path} does not match this config:\n  " + "\n  ".join(wrong))
 
 
+def init_from_stage(run_dir: str) -> str:
+    """The finished stage of a previous run that ``init_from`` starts from: its last finished phase."""
+    finished = [p for p in PHASES if phase_complete(os.path.join(run_dir, p))]
+    if not finished:
+        raise ConfigError(f"init_from: {run_dir} has no finished phase (embed/ or lora/ with phase_complete.json); "
+                          "point it at a finished blah_qlora output_dir")
+    return os.path.join(run_dir, finished[-1])
+
+
+def check_init_from(cfg: DictConfig, pause: PauseTokens, dim: Optional[int]) -> Optional[str]:
+    """``init_from``: a finished run whose pause rows (and adapter) this run starts from, e.g. to
+    retrain on reviewed corrections. Its pause tokens must be this config's, its LoRA rank and
+    alpha the model's. Returns the stage folder to start from."""
+    run_dir = cfg.get("init_from")
+    if not run_dir:
+        return None
+    run_dir = str(run_dir)
+    if not os.path.isfile(os.path.join(run_dir, "blah_config.yaml")):
+        raise ConfigError(f"init_from: {run_dir}/blah_config.yaml not found; init_from must be a blah_qlora output_dir")
+    if _is_inside(run_dir, str(cfg.output_dir)) or _is_inside(str(cfg.output_dir), run_dir):
+        raise ConfigError("init_from must be another run's output_dir, not this run's")
+    stage_dir = init_from_stage(run_dir)
+    if pause.num:
+        check_pause_file(stage_dir, pause, dim, key="init_from")
+    adapter_config = os.path.join(stage_dir, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        with open(adapter_config) as f:
+            adapter = json.load(f)
+        for key, model_key in (("r", "lora_rank"), ("lora_alpha", "lora_alpha")):
+            if model_key in cfg.model and float(cfg.model[model_key]) != float(adapter[key]):
+                raise ConfigError(f"init_from: {stage_dir} has an adapter with {key}={adapter[key]} but "
+                                  f"model.{model_key}={cfg.model[model_key]}; use the previous run's LoRA settings")
+    return stage_dir
+
+
 def check_qlora_config(cfg: DictConfig, pause: PauseTokens) -> list:
     """Validate a ``blah_qlora`` config; returns the phases to run."""
     phases = check_phases(cfg)
@@ -118,7 +153,10 @@ def check_qlora_config(cfg: DictConfig, pause: PauseTokens) -> list:
     if path and "embed" in phases:
         raise ConfigError("pause_embeddings_path is for phases=[lora] alone; the embed phase of this run writes "
                           "its own. Remove one of them")
-    if phases == ["lora"] and pause.num > 0:
+    init_from = check_init_from(cfg, pause, dim)
+    if init_from and path:
+        raise ConfigError("init_from and pause_embeddings_path both give the pause rows; remove one of them")
+    if phases == ["lora"] and pause.num > 0 and not init_from:
         if path:
             check_pause_file(str(path), pause, dim)
         elif not cfg.lora.get("train_pause_embeddings", False):

@@ -54,7 +54,7 @@ from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import adapter_parameter_names, build_model, lora_settings
 from torchtune_blah.pause import as_pause_tokens, load_pause_embeddings, save_pause_embeddings
-from torchtune_blah.recipe_config import check_qlora_config
+from torchtune_blah.recipe_config import check_qlora_config, init_from_stage
 
 log = utils.get_logger("INFO")
 
@@ -108,6 +108,8 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
         if cfg.get("pause_embeddings_path"):
             load_pause_embeddings(self._pause_module, str(cfg.pause_embeddings_path))
             log.info(f"Loaded pause embeddings from {cfg.pause_embeddings_path}")
+        if cfg.get("init_from"):
+            self._init_from(init_from_stage(str(cfg.init_from)))
         if cfg.get("compile", False):
             training.compile_model(self._model)
         if cfg.get("enable_activation_checkpointing", False):
@@ -126,6 +128,24 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
         log.info(f"blah_qlora: phases {self._phases}, {len(self._dataset)} training samples, "
                  f"{self._pause.num} pause tokens {list(self._pause.names)[:5]} ({self._pause.mode} ids "
                  f"{list(self._pause.ids)[:5]})")
+
+    def _init_from(self, stage_dir: str) -> None:
+        """Start from a finished run (the human-in-the-loop cycle): its pause rows replace the
+        fresh ones, and its adapter, when it has one, the fresh LoRA weights. A resumed run then
+        overwrites both with its own training state."""
+        if self._pause_module is not None:
+            load_pause_embeddings(self._pause_module, stage_dir)
+        adapter_path = os.path.join(stage_dir, "adapter_model.pt")
+        if os.path.isfile(adapter_path) and self._adapter_names:
+            adapter = torch.load(adapter_path, map_location=self._device, weights_only=True)
+            missing = set(self._adapter_names) - set(adapter)
+            unexpected = set(adapter) - set(self._adapter_names)
+            if missing or unexpected:
+                raise ValueError(f"init_from: {adapter_path} does not fit this model's LoRA layers: missing "
+                                 f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+            self._model.load_state_dict(adapter, strict=False)
+        log.info(f"init_from: starting from {stage_dir} (pause rows"
+                 f"{' and adapter' if os.path.isfile(adapter_path) else ''})")
 
     def _setup_validation(self, cfg: DictConfig) -> None:
         """In-training validation: blah_eval's answering and scoring on held-out records."""

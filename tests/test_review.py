@@ -241,3 +241,63 @@ def test_two_reviewers_in_parallel_never_share_an_item(server, tmp_path):
     assert len(decisions) == 300 and {d["item_id"] for d in decisions} == set(range(1, 301))
     assert sum(d["reviewer"] == "ana" for d in decisions) == len(done["ana"])
     assert db.progress()["reviewed"] == 300
+
+
+def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(trained_run, eval_output, tmp_path,
+                                                                           tiny_base):
+    """evaluate -> import -> review -> export -> blah_qlora init_from=<previous run> on the corrections."""
+    import torch
+
+    from conftest import demo_cfg, fast_overrides
+    from torchtune_blah.pause import read_pause_embeddings
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+
+    db = ReviewDB(str(tmp_path / "review.sqlite"))
+    db.import_items(read_items(str(eval_output / "predictions.jsonl")))
+    for i in range(8):
+        lease = db.next_item("ana")
+        context = lease.item["context"]
+        if i % 2:
+            db.decide(lease.item["item_id"], lease.token, "ana", "no_answer")
+        else:
+            start = context.index(" ") + 1
+            db.decide(lease.item["item_id"], lease.token, "ana", "span", answer=context[start:start + 12].strip(),
+                      answer_start=start)
+    corrections = tmp_path / "corrections.jsonl"
+    assert db.export(str(corrections)) == 8
+
+    out = tmp_path / "run2"
+    cfg = demo_cfg(fast_overrides(out, tiny_base, **{
+        "init_from": trained_run, "tokenizer.max_seq_len": 2048, "validation": "null",
+        "dataset._component_": "torchtune_blah.data.squad_chat_dataset", "dataset.source": "json",
+        "dataset.data_files": str(corrections), "dataset.holdout_fraction": 0.0,
+        "embed.max_steps": 2, "lora.max_steps": 2, "model.lora_dropout": 0.0}))
+    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    assert sorted(r.id for r in recipe._dataset.records) == sorted(json.loads(l)["id"] for l in open(corrections))
+    # step 0: the previous run's pause rows and adapter, bit for bit
+    previous_rows, _ = read_pause_embeddings(os.path.join(trained_run, "lora"))
+    assert torch.equal(recipe._pause_module.pause_weight.detach(), previous_rows)
+    previous_adapter = torch.load(os.path.join(trained_run, "lora", "adapter_model.pt"), weights_only=True)
+    params = dict(recipe._model.named_parameters())
+    assert previous_adapter and all(torch.equal(params[k].detach(), v) for k, v in previous_adapter.items())
+    recipe.train()
+    recipe.cleanup()
+    new_rows, _ = read_pause_embeddings(str(out / "lora"))
+    assert not torch.equal(new_rows, previous_rows)  # the embed phase trained them further
+    new_adapter = torch.load(out / "lora" / "adapter_model.pt", weights_only=True)
+    assert any(not torch.equal(new_adapter[k], v) for k, v in previous_adapter.items())
+
+
+def test_init_from_mistakes_fail_before_weights_load(trained_run, tmp_path, tiny_base):
+    from conftest import demo_cfg, fast_overrides
+    from torchtune_blah.recipe_config import ConfigError
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+
+    for extra, message in [({"init_from": str(tmp_path)}, "blah_config.yaml not found"),
+                           ({"init_from": trained_run, "pause_tokens.num": 3}, "init_from: .* does not match"),
+                           ({"init_from": trained_run, "model.lora_rank": 4}, "adapter with r=8 but model.lora_rank=4"),
+                           ({"init_from": trained_run, "phases": "[lora]",
+                             "pause_embeddings_path": os.path.join(trained_run, "embed")}, "both give the pause rows")]:
+        with pytest.raises(ConfigError, match=message):
+            BlahQLoRARecipeSingleDevice(demo_cfg(fast_overrides(tmp_path / "o", tiny_base, **extra)))

@@ -3,51 +3,19 @@
 import json
 import os
 import random
-import socket
 import sqlite3
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-from omegaconf import OmegaConf
 
-from conftest import REPO
+from review_fixtures import eval_output, server, synthetic_generations  # noqa: F401  (fixtures)
+
 from torchtune_blah.data.squad import load_squad_records
 from torchtune_blah.review.__main__ import main as review_cli
 from torchtune_blah.review.db import ReviewDB, ReviewError
 from torchtune_blah.review.sources import SourceError, read_items
-
-
-@pytest.fixture(scope="module")
-def eval_output(trained_run, tmp_path_factory):
-    """A real blah_eval output folder (tiny trained run, 24 dev questions)."""
-    from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
-
-    out = tmp_path_factory.mktemp("review_eval") / "eval"
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "demo_cpu_blah_eval.yaml")),
-                          OmegaConf.from_dotlist([f"run_dir={trained_run}", f"output_dir={out}",
-                                                  "dataset.max_examples=24", "review_queue_size=null"]))
-    recipe = BlahEvalRecipe(cfg)
-    recipe.setup()
-    recipe.evaluate()
-    return out
-
-
-def synthetic_generations(path, n, seed=0):
-    """A generations.jsonl-shaped file over real dev questions, with made-up model answers (for
-    queue mechanics only: no accuracy is read from it)."""
-    rng = random.Random(seed)
-    records = load_squad_records("bundled_sample")[:n]
-    with open(path, "w") as f:
-        for r in records:
-            answer = r.answers[0] if r.answers and rng.random() < 0.7 else "?"
-            f.write(json.dumps({"id": r.id, "context": r.context, "question": r.question, "answer": answer,
-                                "prediction": "" if answer == "?" else answer, "na_prob": rng.random(),
-                                "raw_output": f'\n```json\n{{\n  "answer": "{answer}"\n}}', "run_dir": "/runs/x",
-                                "stage": "lora"}) + "\n")
-    return str(path)
 
 
 def test_import_reads_every_source_once(eval_output, tmp_path):
@@ -146,33 +114,6 @@ def test_decisions_undo_and_export(tmp_path):
     assert db.export(str(out), since=stamp, overwrite=True) == 1
     assert json.loads(out.read_text())["answers"] == []
     assert review_cli(["export", "--db", str(tmp_path / "review.sqlite"), "--out", str(out)]) == 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def server(tmp_path):
-    """The web app on 127.0.0.1 (uvicorn in a thread) over a fresh database."""
-    import uvicorn
-
-    from torchtune_blah.review.server import create_app
-
-    db = ReviewDB(str(tmp_path / "review.sqlite"))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    yield db, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
 
 
 def _http(method, url, body=None):

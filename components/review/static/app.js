@@ -115,6 +115,8 @@ $("undo").onclick = undo;
 $("context").addEventListener("mouseup", updateSelection);
 document.addEventListener("selectionchange", updateSelection);
 $("reviewer").addEventListener("change", () => { localStorage.setItem("reviewer", reviewer()); load(); });
+// Enter in the name field hands the keyboard to the shortcuts.
+$("reviewer").addEventListener("keydown", (event) => { if (event.key === "Enter") event.target.blur(); });
 document.addEventListener("keydown", (event) => {
   if (["INPUT", "TEXTAREA"].includes(event.target.tagName) || event.ctrlKey || event.metaKey || event.altKey) return;
   const key = event.key.toLowerCase();

@@ -1,0 +1,173 @@
+"""The review page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium), as a reviewer would use it: keyboard shortcuts, a span selected with the mouse, undo,
+reload, then the export.
+
+``TORCHTUNE_BLAH_SCREENSHOT_DIR=docs python -m pytest tests/test_review_browser.py`` also writes
+the README's screenshots (small palette PNGs) from this same session.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+from review_fixtures import eval_output, server  # noqa: F401  (fixtures)
+
+from torchtune_blah.review.__main__ import main as review_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM and CHROMEDRIVER, "install Debian's chromium and chromium-driver (.ci/run does)"
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,820"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout=20):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def _item(driver):
+    return driver.execute_script(
+        "return {id: document.getElementById('qid').textContent, "
+        "answer: document.getElementById('model-answer').textContent, "
+        "context: document.getElementById('context').textContent}")
+
+
+def _press(driver, key):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(key).perform()
+
+
+def _saved(driver, what):
+    return _wait(driver, lambda d: d.find_element("id", "message").text.startswith(f"Saved: {what}")
+                 or "error" in d.find_element("id", "message").get_attribute("class"))
+
+
+def _next_item_after(driver, previous_id):
+    _wait(driver, lambda d: d.find_element("id", "qid").text != previous_id or d.find_element("id", "empty")
+          .is_displayed())
+    return _item(driver)
+
+
+def _double_click_word(driver, word_index):
+    """Select the ``word_index``-th all-letter word of the context with a mouse double-click;
+    returns (word, offset in the context)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    context_el = driver.find_element("id", "context")
+    text = _item(driver)["context"]
+    match = [m for m in re.finditer(r"\b[A-Za-z]{5,}\b", text)][word_index]
+    box = driver.execute_script("""
+        const box = document.getElementById('context'), start = arguments[0], end = arguments[1];
+        const walker = document.createTreeWalker(box, NodeFilter.SHOW_TEXT);
+        let node, seen = 0;
+        while ((node = walker.nextNode())) {
+          if (start < seen + node.length) {
+            const range = document.createRange();
+            range.setStart(node, start - seen); range.setEnd(node, end - seen);
+            const r = range.getBoundingClientRect(), b = box.getBoundingClientRect();
+            return [r.left + r.width / 2 - (b.left + b.width / 2), r.top + r.height / 2 - (b.top + b.height / 2)];
+          }
+          seen += node.length;
+        }""", match.start(), match.end())
+    ActionChains(driver).move_to_element_with_offset(context_el, int(box[0]), int(box[1])).double_click().perform()
+    return match.group(0), match.start()
+
+
+def _not_blank(png_path):
+    from PIL import Image
+
+    image = Image.open(png_path).convert("L")
+    low, high = image.getextrema()
+    colors = len(image.getcolors(maxcolors=1 << 16) or [])
+    return high - low > 100 and colors > 20
+
+
+def test_a_reviewer_works_through_the_page(server, eval_output, browser, tmp_path):  # noqa: F811
+    db, url = server
+    assert review_cli(["import", "--db", db.path, str(eval_output / "predictions.jsonl")]) == 0
+    total = db.progress()["total"]
+    driver = browser
+    driver.get(url + "/")
+    name = driver.find_element("id", "reviewer")
+    name.send_keys("ana\n")
+    _wait(driver, lambda d: d.find_element("id", "item").is_displayed())
+    expected = {}
+
+    # 1. accept the model's answer (keyboard "a"); items whose answer cannot be accepted are skipped ("k")
+    while True:
+        item = _item(driver)
+        if item["answer"] != "(not valid JSON)":
+            _press(driver, "a")
+            _saved(driver, "accept")
+            if driver.find_element("id", "message").text.startswith("Saved"):
+                answer = "?" if item["answer"].startswith("?") else item["answer"]
+                expected[item["id"]] = [] if answer == "?" else [
+                    {"text": answer, "answer_start": item["context"].find(answer)}]
+                break
+        _press(driver, "k")
+        _next_item_after(driver, item["id"])
+    item = _next_item_after(driver, item["id"])
+
+    # 2. no answer in the context (keyboard "n")
+    _press(driver, "n")
+    _saved(driver, "no answer")
+    expected[item["id"]] = []
+    item = _next_item_after(driver, item["id"])
+
+    # 3. a span selected with the mouse, then the button
+    word, start = _double_click_word(driver, 2)
+    _wait(driver, lambda d: d.find_element("id", "selected").text == f'"{word}"')
+    driver.save_screenshot(str(tmp_path / "review_page.png"))
+    driver.find_element("id", "use-selection").click()
+    _saved(driver, "span")
+    assert driver.find_element("id", "message").text == f'Saved: span "{word}".'
+    span_item = item
+    _next_item_after(driver, span_item["id"])
+    assert db.decisions()[-1]["answer"] == word and db.decisions()[-1]["answer_start"] == start
+
+    # 4. undo it (keyboard "u"): the span item is back
+    _press(driver, "u")
+    _wait(driver, lambda d: d.find_element("id", "qid").text == span_item["id"])
+    assert db.decisions()[-1]["action"] == "undo"
+
+    # 5. reload: the decisions persist, the undone item is still this reviewer's
+    driver.refresh()
+    _wait(driver, lambda d: d.find_element("id", "qid").text == span_item["id"])
+    assert driver.find_element("id", "progress").text.startswith(f"{len(expected)} / {total} reviewed")
+    screenshot = tmp_path / "after_reload.png"
+    driver.save_screenshot(str(screenshot))
+    assert _not_blank(screenshot) and _not_blank(tmp_path / "review_page.png")
+
+    # 6. export: exactly those decisions
+    out = tmp_path / "corrections.jsonl"
+    assert review_cli(["export", "--db", db.path, "--out", str(out)]) == 0
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert {k: r["answers"] for k, r in records.items()} == expected
+
+    target = os.environ.get("TORCHTUNE_BLAH_SCREENSHOT_DIR")
+    if target:  # the README's screenshots, from this session
+        from PIL import Image
+
+        os.makedirs(target, exist_ok=True)
+        for name in ("review_page.png",):
+            Image.open(tmp_path / name).convert("RGB").quantize(colors=64).save(os.path.join(target, name),
+                                                                               optimize=True)

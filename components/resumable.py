@@ -1,4 +1,5 @@
-"""A JSONL output that survives being killed: one row per item, written in fixed batches.
+"""JSONL files: reading them with errors that name the line, and an output that survives being
+killed (one row per item, written in fixed batches).
 
 ``blah_eval`` and ``blah_generate`` answer questions in batches and append each finished batch
 to their ``.jsonl`` file (flushed and fsynced). A rerun keeps the rows of batches that were
@@ -9,13 +10,31 @@ a resumed run pads and decodes every batch exactly as an uninterrupted one would
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type
 
 from torchtune_blah.checkpointing import atomic_text
 
 
 def jsonl(rows: Iterable[Dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def read_jsonl_objects(path: str, error: Type[Exception] = ValueError,
+                       label: str = "") -> Iterator[Tuple[int, Mapping[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a
+    JSON object raises ``error`` naming the line (``label`` goes before it, e.g. the config key)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{label}line {n} of {path}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where} is not JSON ({e.msg})") from None
+            if not isinstance(row, Mapping):
+                raise error(f"{where} must be a JSON object")
+            yield n, row
 
 
 class ResumableJsonl:

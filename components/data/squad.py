@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from torchtune_blah.resumable import read_jsonl_objects
+
 # The seed's prompts, byte for byte (../shared/seed/prompts.md). Message contents
 # are trimmed when tokenized, as the seed's chat template does, so the system
 # prompt's trailing newline never reaches the model.
@@ -328,32 +330,23 @@ def load_questions_jsonl(path: str) -> List[SquadRecord]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"questions: {path} does not exist")
     records, lines_of = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"questions: line {n} of {path}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SquadRecordError(f"{where} is not JSON ({e.msg})") from None
-            if not isinstance(raw, Mapping):
-                raise SquadRecordError(f"{where} must be a JSON object with \"context\" and \"question\"")
-            for field in ("context", "question"):
-                if not isinstance(raw.get(field), str) or not raw[field].strip():
-                    raise SquadRecordError(f"{where}: field {field!r} must be a non-empty string")
-            rid = raw.get("id")
-            if rid is None:
-                rid = question_id(raw["context"], raw["question"])
-            elif not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
-                raise SquadRecordError(f"{where}: field 'id' must be a non-empty string")
-            rid = str(rid)
-            if rid in lines_of:
-                raise SquadRecordError(f"{where}: id {rid!r} repeats line {lines_of[rid]} (the same question twice, "
-                                       "or two records with one id); give each question its own id")
-            lines_of[rid] = n
-            records.append(SquadRecord(id=rid, context=raw["context"], question=raw["question"], answers=(),
-                                       title=str(raw.get("title") or "")))
+    for n, raw in read_jsonl_objects(path, SquadRecordError, label="questions: "):
+        where = f"questions: line {n} of {path}"
+        for field in ("context", "question"):
+            if not isinstance(raw.get(field), str) or not raw[field].strip():
+                raise SquadRecordError(f"{where}: field {field!r} must be a non-empty string")
+        rid = raw.get("id")
+        if rid is None:
+            rid = question_id(raw["context"], raw["question"])
+        elif not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+            raise SquadRecordError(f"{where}: field 'id' must be a non-empty string")
+        rid = str(rid)
+        if rid in lines_of:
+            raise SquadRecordError(f"{where}: id {rid!r} repeats line {lines_of[rid]} (the same question twice, "
+                                   "or two records with one id); give each question its own id")
+        lines_of[rid] = n
+        records.append(SquadRecord(id=rid, context=raw["context"], question=raw["question"], answers=(),
+                                   title=str(raw.get("title") or "")))
     if not records:
         raise SquadRecordError(f"questions: {path} holds no questions")
     return records

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from torchtune_blah.eval.report import review_priority
+from torchtune_blah.resumable import read_jsonl_objects
 
 
 class SourceError(ValueError):
@@ -95,18 +96,7 @@ def read_items(path: str) -> List[ReviewItem]:
     """Every reviewable item of ``path``; raises ``SourceError`` naming line and field."""
     if not os.path.isfile(path):
         raise SourceError(f"{path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"line {n} of {path} is not JSON ({e.msg})") from None
-            if not isinstance(row, Mapping):
-                raise SourceError(f"line {n} of {path} is not a JSON object")
-            rows.append((n, row))
+    rows = list(read_jsonl_objects(path, SourceError))
     if not rows:
         raise SourceError(f"{path} holds no rows")
     try:

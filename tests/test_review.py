@@ -5,6 +5,7 @@ import os
 import random
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -242,3 +243,16 @@ def test_init_from_mistakes_fail_before_weights_load(trained_run, tmp_path, tiny
                              "pause_embeddings_path": os.path.join(trained_run, "embed")}, "both give the pause rows")]:
         with pytest.raises(ConfigError, match=message):
             BlahQLoRARecipeSingleDevice(demo_cfg(fast_overrides(tmp_path / "o", tiny_base, **extra)))
+
+
+def test_an_expired_lease_is_refused_and_the_item_goes_to_the_next_reviewer(tmp_path):
+    db = ReviewDB(str(tmp_path / "review.sqlite"), lease_seconds=0.3)
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 2)))
+    held = db.next_item("ana")
+    assert db.next_item("bo").item["item_id"] != held.item["item_id"]  # held: bo gets the other one
+    time.sleep(0.4)
+    with pytest.raises(ReviewError, match="not leased to you|expired") as e:
+        db.decide(held.item["item_id"], held.token, "ana", "no_answer")
+    assert e.value.status == 409 and db.decisions() == []
+    taken = db.next_item("cy")  # both leases ran out: the first item in the queue is free again
+    assert taken.item["item_id"] == held.item["item_id"]

@@ -237,6 +237,29 @@ def test_long_examples_are_skipped_and_reported_never_truncated(tokenizer, squad
         squad_chat_dataset(tokenizer, source="json", data_files=squad_path, max_seq_len=10)
 
 
+def test_compact_storage_gives_the_samples_of_plain_tokenization(tokenizer, squad_path, append_spec):
+    """The dataset keeps ids in one int array and a supervised byte per token; every sample, the
+    skipped ones and the order are those of tokenizing each record on its own."""
+    from torchtune_blah.data.chat import answer_only_labels
+
+    pause = pause_tokens(**append_spec)
+    records = load_squad_records("json", data_files=squad_path)
+    ds = squad_chat_dataset(tokenizer, source="json", data_files=squad_path, pause_tokens=append_spec,
+                            max_seq_len=700, all_answers=True, prompt_style="multi_turn")
+    expected, skipped = [], []
+    for r in records:
+        tokens, supervised = tokenize_chat(tokenizer, squad_messages(r, "multi_turn"), pause.sequence)
+        if len(tokens) > 700:
+            skipped.append(r.id)
+        else:
+            expected.append({"tokens": tokens, "labels": answer_only_labels(tokens, supervised), "id": r.id,
+                             "answers": list(r.answers)})
+    assert skipped and ds.skipped_ids == skipped
+    assert [ds[i] for i in range(len(ds))] == expected and ds[-1] == expected[-1]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
 def test_padded_collate_and_packing_accept_samples(tokenizer, squad_path, append_spec):
     ds = squad_chat_dataset(tokenizer, source="json", data_files=squad_path, pause_tokens=append_spec)
     batch = padded_collate_sft([ds[0], ds[1], ds[2]], padding_idx=tokenizer.pad_id)

@@ -25,6 +25,7 @@ tokens and its end-of-turn token.
 
 import logging
 import random
+from array import array
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import Dataset
@@ -80,6 +81,12 @@ class SquadChatDataset(Dataset):
     Everything is tokenized once, up front, so that examples longer than
     ``max_seq_len`` are known (and skipped, never truncated into a wrong target)
     before training starts. ``skipped_ids`` lists them.
+
+    Storage is compact: every kept sample's ids back to back in one C int array and
+    one byte per token saying whether it is supervised; ``__getitem__`` builds the
+    lists a collate function expects. Python lists of ints cost ~44 bytes per token
+    (tokens and labels); this costs 5 (``benchmarks/dataset_scale.py``: 130,319
+    questions, Llama 3 tokenizer, about 2 GB before, about 0.2 GB after).
     """
 
     def __init__(
@@ -96,9 +103,12 @@ class SquadChatDataset(Dataset):
         self.pause = pause
         self.prompt_style = prompt_style
         self.max_seq_len = max_seq_len
+        self.all_answers = all_answers
         self.records: List[SquadRecord] = []
         self.skipped_ids: List[str] = []
-        self._samples: List[Dict[str, Any]] = []
+        self._tokens = array("i")  # sample i is _tokens[_offsets[i]:_offsets[i + 1]]
+        self._supervised = bytearray()
+        self._offsets = array("q", [0])
         for record in records:
             tokens, supervised = tokenize_chat(
                 fmt, squad_messages(record, prompt_style, **prompts), pause.sequence
@@ -106,26 +116,33 @@ class SquadChatDataset(Dataset):
             if max_seq_len is not None and len(tokens) > max_seq_len:
                 self.skipped_ids.append(record.id)
                 continue
-            sample: Dict[str, Any] = {"tokens": tokens, "labels": answer_only_labels(tokens, supervised)}
-            if all_answers:
-                sample["id"], sample["answers"] = record.id, list(record.answers)
             self.records.append(record)
-            self._samples.append(sample)
+            self._tokens.extend(tokens)
+            self._supervised.extend(supervised)
+            self._offsets.append(len(self._tokens))
         if self.skipped_ids:
             log.warning(
                 "squad_chat_dataset: skipped %d of %d examples longer than max_seq_len=%d tokens "
                 "(first ids: %s). Raise max_seq_len to keep them.",
                 len(self.skipped_ids), len(records), max_seq_len, self.skipped_ids[:5],
             )
-        if not self._samples:
+        if not self.records:
             raise ValueError(f"every example is longer than max_seq_len={max_seq_len}; raise max_seq_len")
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self.records)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        sample = self._samples[index]
-        return {k: list(v) if isinstance(v, list) else v for k, v in sample.items()}
+        if index < 0:
+            index += len(self)
+        start, end = self._offsets[index], self._offsets[index + 1]
+        tokens = self._tokens[start:end].tolist()
+        sample: Dict[str, Any] = {"tokens": tokens,
+                                  "labels": answer_only_labels(tokens, self._supervised[start:end])}
+        if self.all_answers:
+            record = self.records[index]
+            sample["id"], sample["answers"] = record.id, list(record.answers)
+        return sample
 
 
 def squad_chat_dataset(

@@ -30,6 +30,7 @@ class RecipeEntry:
     name: str
     file: str
     configs: List[Tuple[str, str]] = field(default_factory=list)
+    distributed: bool = False  # runs under `tune run --nproc_per_node N`
 
 
 # Each recipe lands here with its file.
@@ -43,7 +44,7 @@ RECIPES: List[RecipeEntry] = [
         ("qwen2_5_3b_blah", "qwen2_5_3b_blah.yaml"),
         ("demo_cpu_blah", "demo_cpu_blah.yaml"),
     ]),
-    RecipeEntry("blah_eval", "blah_eval.py", [
+    RecipeEntry("blah_eval", "blah_eval.py", distributed=True, configs=[
         ("llama3_8b_blah_eval", "llama3_8b_blah_eval.yaml"),
         ("smollm2_135m_blah_eval", "smollm2_135m_blah_eval.yaml"),
         ("smollm2_1_7b_blah_eval", "smollm2_1_7b_blah_eval.yaml"),
@@ -86,6 +87,6 @@ def register(registry_module) -> None:
             configs.append(Config(name=config_name, file_path=config_path))
             taken.add(config_name)
         all_recipes.append(
-            Recipe(name=entry.name, file_path=recipe_path, configs=configs, supports_distributed=False)
+            Recipe(name=entry.name, file_path=recipe_path, configs=configs, supports_distributed=entry.distributed)
         )
         taken.add(entry.name)

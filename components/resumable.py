@@ -38,12 +38,18 @@ def read_jsonl_objects(path: str, error: Type[Exception] = ValueError,
 
 
 class ResumableJsonl:
-    """Rows keyed by ``id``, for ``items`` (objects with an ``id``) in batches of ``batch_size``."""
+    """Rows keyed by ``id``, for ``items`` (objects with an ``id``) in batches of ``batch_size``.
 
-    def __init__(self, path: str, items: Sequence[Any], batch_size: int):
+    ``shard=(rank, world_size)``: this file holds every ``world_size``-th batch from ``rank`` on
+    (data-parallel evaluation); the batches are the same as without sharding.
+    """
+
+    def __init__(self, path: str, items: Sequence[Any], batch_size: int, shard: Tuple[int, int] = (0, 1)):
         self.path = path
-        self.batches: List[List[Any]] = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
-        self.items = list(items)
+        rank, world_size = shard
+        batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+        self.batches: List[List[Any]] = batches[rank::world_size]
+        self.items = [x for batch in self.batches for x in batch]
         self.done: Dict[str, Dict[str, Any]] = self._complete_batches()
         # Keep complete batches only (atomically), then append from there.
         atomic_text(jsonl(self.done[x.id] for x in self.items if x.id in self.done), path)
@@ -77,3 +83,6 @@ class ResumableJsonl:
     def rows(self) -> List[Dict[str, Any]]:
         """Every row, in item order (all batches must be done)."""
         return [self.done[x.id] for x in self.items]
+
+    def complete(self) -> bool:
+        return all(x.id in self.done for x in self.items)

@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
@@ -67,6 +67,8 @@ class BlahEvalRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
+        # Under `tune run --nproc_per_node N` (torchrun): data parallel, every rank a whole model.
+        self._world_size, self._rank = _init_distributed(cfg.device)
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._run_cfg = _run_config(cfg)
@@ -110,11 +112,13 @@ class BlahEvalRecipe:
                 changed = [k for k in self._settings if previous.get(k) != self._settings[k]]
                 raise ValueError(f"{self._output_dir} holds an evaluation with other settings ({changed}); "
                                  "choose another output_dir to keep both")
-        atomic_json(self._settings, settings_path)
+        _barrier(self._world_size)  # every rank has checked before rank 0 writes
+        if self._rank == 0:
+            atomic_json(self._settings, settings_path)
         self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
         self._model, self._pause = load_run_model(
             self._run_cfg, str(self._cfg.get("run_dir") or ""), self._stage, self._device, self._dtype,
-            staging_dir=os.path.join(self._output_dir, ".checkpointer"),
+            staging_dir=os.path.join(self._output_dir, f".checkpointer-rank{self._rank}"),
             quantize_base=self._cfg.get("quantize_base"))
         self._stop_ids = stop_token_ids(self._tokenizer)
         self._probe = abstention_probe(self._tokenizer)
@@ -122,12 +126,19 @@ class BlahEvalRecipe:
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
                  f"{len(self._records)} questions")
 
-    def evaluate(self) -> Dict[str, Any]:
-        path = os.path.join(self._output_dir, "predictions.jsonl")
-        output = ResumableJsonl(path, self._records, self._batch_size)
+    def _predictions_path(self, rank: int) -> str:
+        name = "predictions.jsonl" if self._world_size == 1 else \
+            f"predictions.rank{rank}-of-{self._world_size}.jsonl"
+        return os.path.join(self._output_dir, name)
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        """Answer every question (this rank's share of the batches), then, on rank 0, merge and score."""
+        path = self._predictions_path(self._rank)
+        output = ResumableJsonl(path, self._records, self._batch_size, shard=(self._rank, self._world_size))
         if output.done:
             log.info(f"Resuming: {len(output.done)} questions already answered in {path}")
-        pbar = tqdm(total=len(self._records), initial=len(output.done), unit="ex", dynamic_ncols=True)
+        pbar = tqdm(total=len(output.items), initial=len(output.done), unit="ex", dynamic_ncols=True,
+                    disable=self._rank != 0)
         start = time.perf_counter()
         answered = 0
         with open(path, "a", encoding="utf-8") as out:
@@ -140,7 +151,23 @@ class BlahEvalRecipe:
                 pbar.update(len(rows))
                 pbar.set_postfix(ex_per_s=f"{answered / (time.perf_counter() - start):.2f}")
         pbar.close()
-        return self._write_results(output.rows())
+        if self._world_size == 1:
+            return self._write_results(output.rows())
+        _barrier(self._world_size)
+        if self._rank != 0:
+            return None
+        # The shards hold whole batches of the one batch list: in question order, they are the
+        # rows a single process writes, so the merged files are the same, byte for byte.
+        rows = {}
+        for rank in range(self._world_size):
+            shard = ResumableJsonl(self._predictions_path(rank), self._records, self._batch_size,
+                                   shard=(rank, self._world_size))
+            if not shard.complete():
+                raise RuntimeError(f"{shard.path} is incomplete after every rank finished")
+            rows.update(shard.done)
+        ordered = [rows[r.id] for r in self._records]
+        atomic_text(jsonl(ordered), os.path.join(self._output_dir, "predictions.jsonl"))
+        return self._write_results(ordered)
 
     def _write_results(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         out = self._output_dir
@@ -165,12 +192,35 @@ class BlahEvalRecipe:
         return metrics
 
 
+def _init_distributed(device: str) -> Tuple[int, int]:
+    """(world size, rank); joins the process group torchrun describes (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo" if str(device) == "cpu" else "nccl")
+    return dist.get_world_size(), dist.get_rank()
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="BlahEvalRecipe", cfg=cfg)
     recipe = BlahEvalRecipe(cfg)
     recipe.setup()
     recipe.evaluate()
+    if recipe._world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

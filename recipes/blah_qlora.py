@@ -57,6 +57,7 @@ from torchtune_blah.pause import as_pause_tokens, load_pause_embeddings, save_pa
 from torchtune_blah.recipe_config import check_qlora_config, init_from_stage
 
 log = utils.get_logger("INFO")
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 class TrainingStopped(RuntimeError):
@@ -193,11 +194,16 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
         if self._pause_module is not None and (phase == "embed" or train_pause):
             wanted.add("tok_embeddings.pause_weight")
         trainable = {}
-        for name, param in self._model.named_parameters():
+        for name, param in self._named_parameters().items():
             param.requires_grad_(name in wanted)
             if name in wanted:
                 trainable[name] = param
         return trainable
+
+    def _named_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        """Parameters by their state-dict names: activation checkpointing wraps each layer and
+        puts ``_checkpoint_wrapped_module.`` into ``named_parameters()``, not into the state dict."""
+        return {name.replace(_CHECKPOINT_PREFIX, ""): p for name, p in self._model.named_parameters()}
 
     # ------------------------------------------------------------------ training
 
@@ -366,7 +372,7 @@ class BlahQLoRARecipeSingleDevice(FTRecipeInterface):
         log.info(f"{phase}: done after {steps} steps; outputs in {phase_dir}")
 
     def _save_adapter(self, phase_dir: str) -> None:
-        params = dict(self._model.named_parameters())
+        params = self._named_parameters()
         ckpt = {
             training.ADAPTER_KEY: {n: params[n].detach().cpu() for n in self._adapter_names},
             training.ADAPTER_CONFIG: dict(self._lora_settings),

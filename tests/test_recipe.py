@@ -191,3 +191,19 @@ def test_in_training_validation_logs_exact_match(tmp_path, tiny_base):
     assert all(0.0 <= v <= 100.0 for v in metrics["lora/val_official_f1"])
     with pytest.raises(ConfigError, match="validation needs a held-out split"):
         _recipe(fast_overrides(tmp_path / "other", tiny_base, **{"dataset.holdout_fraction": 0.0}))
+
+
+def test_activation_checkpointing_trains_and_saves_the_same_adapter(tmp_path, tiny_base):
+    """Activation checkpointing wraps every layer (``_checkpoint_wrapped_module`` in parameter
+    names): the lora phase must still train the adapter, save it, and match a run without it."""
+    runs = {}
+    for ac in (False, True):
+        out = tmp_path / f"ac_{ac}"
+        _run_in_process(fast_overrides(out, tiny_base, **{
+            "enable_activation_checkpointing": ac, "model.lora_dropout": 0.0, "validation": "null",
+            "embed.max_steps": 2, "lora.max_steps": 3}))
+        runs[ac] = torch.load(out / "lora" / "adapter_model.pt", weights_only=True)
+    assert runs[True].keys() == runs[False].keys() and len(runs[True]) > 0
+    for name, value in runs[True].items():
+        assert torch.allclose(value, runs[False][name], atol=1e-5), name
+    assert any(v.abs().max() > 0 for k, v in runs[True].items() if "lora_b" in k)  # lora_b starts at 0: it trained

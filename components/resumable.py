@@ -37,6 +37,19 @@ def read_jsonl_objects(path: str, error: Type[Exception] = ValueError,
             yield n, row
 
 
+def check_settings(path: str, settings: Dict[str, Any], what: str) -> None:
+    """An output folder holds one set of settings (``path``: its settings file); a rerun that
+    would resume with other settings is refused, naming the keys that differ."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    if previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise ValueError(f"{os.path.dirname(path)} holds {what} with other settings ({changed}); choose another "
+                         "output_dir to keep both")
+
+
 class ResumableJsonl:
     """Rows keyed by ``id``, for ``items`` (objects with an ``id``) in batches of ``batch_size``.
 

@@ -18,7 +18,6 @@
 #   results.md          one row in the layout of the seed's results table
 #   review_queue.jsonl  the least certain answers first, as training records to correct
 
-import json
 import os
 import random
 import sys
@@ -37,7 +36,7 @@ from torchtune_blah.eval.run import abstention_probe, answer_records, run_prompt
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
 from torchtune_blah.pause import read_pause_embeddings
-from torchtune_blah.resumable import ResumableJsonl, jsonl
+from torchtune_blah.resumable import ResumableJsonl, check_settings, jsonl
 
 log = utils.get_logger("INFO")
 
@@ -105,13 +104,7 @@ class BlahEvalRecipe:
     def setup(self) -> None:
         os.makedirs(self._output_dir, exist_ok=True)
         settings_path = os.path.join(self._output_dir, "eval_settings.json")
-        if os.path.isfile(settings_path):
-            with open(settings_path) as f:
-                previous = json.load(f)
-            if previous != self._settings:
-                changed = [k for k in self._settings if previous.get(k) != self._settings[k]]
-                raise ValueError(f"{self._output_dir} holds an evaluation with other settings ({changed}); "
-                                 "choose another output_dir to keep both")
+        check_settings(settings_path, self._settings, "an evaluation")
         _barrier(self._world_size)  # every rank has checked before rank 0 writes
         if self._rank == 0:
             atomic_json(self._settings, settings_path)

@@ -9,7 +9,6 @@
 # output_dir/generations.jsonl one finished batch at a time; a rerun resumes
 # (torchtune_blah.resumable).
 
-import json
 import os
 import sys
 from typing import Any, Dict, List
@@ -25,7 +24,7 @@ from torchtune_blah.eval.metrics import official_prediction
 from torchtune_blah.eval.run import EXPLAIN_PROMPT, abstention_probe, explain_replies, generate_replies, run_prompts
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
-from torchtune_blah.resumable import ResumableJsonl
+from torchtune_blah.resumable import ResumableJsonl, check_settings
 
 log = utils.get_logger("INFO")
 OUTPUT_FILE = "generations.jsonl"
@@ -85,13 +84,7 @@ class BlahGenerateRecipe:
     def setup(self) -> None:
         os.makedirs(self._output_dir, exist_ok=True)
         path = os.path.join(self._output_dir, "generate_settings.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                previous = json.load(f)
-            changed = [k for k in self._settings if previous.get(k) != self._settings[k]]
-            if changed:
-                raise ValueError(f"{self._output_dir} holds answers made with other settings ({changed}); choose "
-                                 "another output_dir to keep both")
+        check_settings(path, self._settings, "answers made")
         atomic_json(self._settings, path)
         self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
         self._fmt = chat_format(self._tokenizer)

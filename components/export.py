@@ -47,6 +47,7 @@ from torchtune_blah.data.squad import (
     squad_messages,
 )
 from torchtune_blah.hf_tokenizer import (
+    TokenizerExportError,
     add_pause_tokens,
     base_hf_tokenizer,
     chat_template,
@@ -106,7 +107,6 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
     """Every check that needs no weights: a mistake costs seconds, not a model load."""
     from torchtune import config, training
 
-    from torchtune_blah.hf_tokenizer import TokenizerExportError
     from torchtune_blah.model import read_run_config, resolve_stage
 
     if format not in EXPORT_FORMATS:
@@ -253,18 +253,17 @@ PEFT_TOKENS_KEY_WITH_LORA = "base_model.model.model.embed_tokens.token_adapter.t
 PEFT_TOKENS_KEY_ALONE = "base_model.model.model.embed_tokens.trainable_tokens_delta"
 
 
-def peft_adapter(model: torch.nn.Module, plan: ExportPlan) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """adapter_model.safetensors tensors and adapter_config.json for PEFT."""
-    from torchtune.models.convert_weights import tune_to_peft_adapter_config, tune_to_peft_adapter_weights
+def peft_adapter(plan: ExportPlan) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """adapter_model.safetensors tensors and adapter_config.json for PEFT, from the files the run
+    saved (its torchtune-layout adapter, its adapter_config.json, its pause rows): no model load."""
+    from torchtune.models.convert_weights import tune_to_peft_adapter_weights
 
-    from torchtune_blah.model import adapter_parameter_names, lora_settings
-
-    module = find_pause_embedding(model)
-    ids = list(plan.pause.ids) if module is not None else []
+    stage_dir = os.path.join(plan.run_dir, plan.stage)
+    ids = list(plan.pause.ids) if plan.pause is not None and plan.pause.num else []
+    rows = read_pause_embeddings(stage_dir)[0] if ids else None
     base = {"base_model_name_or_path": plan.base_dir, "task_type": "CAUSAL_LM", "inference_mode": True}
     if plan.stage == "lora":
-        params = dict(model.named_parameters())
-        adapter = {n: params[n].detach() for n in adapter_parameter_names(model)}
+        adapter = torch.load(os.path.join(stage_dir, "adapter_model.pt"), map_location="cpu", weights_only=True)
         shape = _attention_shape(plan.base_config)
         if plan.base_config["model_type"] == "qwen2":
             # torchtune's converter permutes q/k lora_b rows for Llama's rotary layout; Qwen2 has
@@ -278,17 +277,18 @@ def peft_adapter(model: torch.nn.Module, plan: ExportPlan) -> Tuple[Dict[str, to
             # the appended ids too (zero: the adapter adds nothing to the pause tokens' scores).
             for key in [k for k in tensors if ".lm_head.lora_B." in k]:
                 tensors[key] = torch.cat([tensors[key], tensors[key].new_zeros(len(ids), tensors[key].shape[1])])
-        config = tune_to_peft_adapter_config(dict(lora_settings(model)), plan.base_dir)
+        with open(os.path.join(stage_dir, "adapter_config.json")) as f:
+            config = json.load(f)  # r, lora_alpha, PEFT target_modules, written by torchtune's checkpointer
         config.update(base, lora_dropout=0.0, bias="none", fan_in_fan_out=False)
         if ids:
             config["trainable_token_indices"] = {"embed_tokens": ids}
-            tensors[PEFT_TOKENS_KEY_WITH_LORA] = module.pause_weight.detach()
+            tensors[PEFT_TOKENS_KEY_WITH_LORA] = rows
     else:
         if not ids:
             raise ExportError(f"stage={plan.stage} of {plan.run_dir} has no pause tokens and no adapter: nothing for "
                               "PEFT to load")
         config = {**base, "peft_type": "TRAINABLE_TOKENS", "target_modules": ["embed_tokens"], "token_indices": ids}
-        tensors = {PEFT_TOKENS_KEY_ALONE: module.pause_weight.detach()}
+        tensors = {PEFT_TOKENS_KEY_ALONE: rows}
     return {k: v.to(plan.dtype).contiguous().clone() for k, v in tensors.items()}, config
 
 
@@ -420,20 +420,19 @@ def export_run(plan: ExportPlan) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(plan.output_dir))}.", suffix=".tmp",
                            dir=parent)
     try:
-        # NF4 stays as the run had it: the merge folds the adapter into the dequantized base it trained against.
-        quantize = None if plan.format == "hf" else False  # PEFT loads on the unmodified base
-        model, _ = load_run_model(plan.run_cfg, plan.run_dir, plan.stage, torch.device("cpu"), plan.dtype,
-                                  staging_dir=os.path.join(tmp, ".checkpointer"), quantize_base=quantize)
         if plan.format == "hf":
+            # NF4 stays as the run had it: the merge folds the adapter into the dequantized base it trained against.
+            model, _ = load_run_model(plan.run_cfg, plan.run_dir, plan.stage, torch.device("cpu"), plan.dtype,
+                                      staging_dir=os.path.join(tmp, ".checkpointer"))
             state = merged_hf_state_dict(model, plan)
+            del model
             write_safetensors_shards(state, tmp)
             atomic_json(hf_model_config(plan, state["model.embed_tokens.weight"].shape[0]),
                         os.path.join(tmp, "config.json"))
         else:
-            tensors, config = peft_adapter(model, plan)
+            tensors, config = peft_adapter(plan)
             save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
             atomic_json(config, os.path.join(tmp, "adapter_config.json"))
-        del model
         _write_common_files(plan, tmp)
         _readable(tmp)  # mkdtemp/mkstemp make private files; an export is for others to load
         if os.path.isdir(plan.output_dir):

@@ -64,8 +64,6 @@ class ResumableJsonl:
         self.batches: List[List[Any]] = batches[rank::world_size]
         self.items = [x for batch in self.batches for x in batch]
         self.done: Dict[str, Dict[str, Any]] = self._complete_batches()
-        # Keep complete batches only (atomically), then append from there.
-        atomic_text(jsonl(self.done[x.id] for x in self.items if x.id in self.done), path)
 
     def _complete_batches(self) -> Dict[str, Dict[str, Any]]:
         rows = {}
@@ -83,11 +81,16 @@ class ResumableJsonl:
                 complete.update({x.id: rows[x.id] for x in batch})
         return complete
 
+    def open_append(self):
+        """The file opened for appending, after rewriting it (atomically) with the complete batches only."""
+        atomic_text(jsonl(self.done[x.id] for x in self.items if x.id in self.done), self.path)
+        return open(self.path, "a", encoding="utf-8")
+
     def todo(self) -> List[List[Any]]:
         return [b for b in self.batches if not all(x.id in self.done for x in b)]
 
     def append(self, out, rows: List[Dict[str, Any]]) -> None:
-        """Write one finished batch to ``out`` (this file, opened for appending) and make it durable."""
+        """Write one finished batch to ``out`` (from ``open_append``) and make it durable."""
         out.write(jsonl(rows))
         out.flush()
         os.fsync(out.fileno())

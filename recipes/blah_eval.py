@@ -134,7 +134,7 @@ class BlahEvalRecipe:
                     disable=self._rank != 0)
         start = time.perf_counter()
         answered = 0
-        with open(path, "a", encoding="utf-8") as out:
+        with output.open_append() as out:
             for batch in output.todo():
                 rows = answer_records(self._model, self._tokenizer, batch, self._pause,
                                       prompt_style=self._prompt_style, stop_ids=self._stop_ids, probe=self._probe,

@@ -131,7 +131,7 @@ class BlahGenerateRecipe:
             log.info(f"Resuming: {len(output.done)} questions already answered in {path}")
         pbar = None if self._stream else tqdm(total=len(self._records), initial=len(output.done), unit="q",
                                               dynamic_ncols=True)
-        with open(path, "a", encoding="utf-8") as out:
+        with output.open_append() as out:
             for batch in output.todo():
                 rows = self._answer(batch)
                 output.append(out, rows)

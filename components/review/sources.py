@@ -117,8 +117,9 @@ def read_items(path: str) -> List[ReviewItem]:
     items = []
     for n, row in rows:
         where = f"line {n} of {path}"
-        if _kind_or_none(row) != kind:
-            raise SourceError(f"{where}: a {_kind_or_none(row) or 'unknown'} row in a {kind} file")
+        row_kind = _kind_or_none(row)
+        if row_kind != kind:
+            raise SourceError(f"{where}: a {row_kind or 'unknown'} row in a {kind} file")
         qid = _field(row, "id", str, where)
         if kind == "predictions":
             if qid not in contexts:

@@ -211,9 +211,9 @@ class PauseEmbedding(nn.Module):
                 f"mode={self.pause.mode}, num={self.pause.num}")
 
 
-def _initial_rows(base: nn.Embedding, rows: int, init: str, init_std: float,
+def _initial_rows(table: torch.Tensor, rows: int, init: str, init_std: float,
                   init_token: Union[None, int, str], tokenizer: Any) -> torch.Tensor:
-    table = base.weight.detach()
+    table = table.detach()
     if init == "mean":
         row = table.float().mean(dim=0)
         return row.expand(rows, -1).clone()
@@ -250,12 +250,14 @@ def add_pause_embeddings(
     init_std: float = 0.02,
     init_token: Union[None, int, str] = None,
     tokenizer: Any = None,
+    table: Optional[torch.Tensor] = None,
 ) -> Optional[PauseEmbedding]:
     """Give a torchtune ``TransformerDecoder`` trainable pause-token input embeddings.
 
     Works for separate output projections (Llama 3/3.1 8B) and tied ones (Llama
-    3.2 1B/3B, Qwen2.5): a ``TiedLinear`` keeps pointing at the original
-    embedding module, so the output side only ever sees the base table.
+    3.2 1B/3B, Qwen2.5): a ``TiedLinear`` output is pointed at the new module, whose
+    ``weight`` is the base table's own ``Parameter``, so the output side only ever
+    sees the base table, also when FSDP2 swaps that parameter for its shards.
 
     Args:
         model: decoder with a ``tok_embeddings`` ``nn.Embedding``.
@@ -263,6 +265,8 @@ def add_pause_embeddings(
         init: ``"mean"`` of the base rows (default), ``"normal"`` (std ``init_std``;
             the seed's way) or ``"copy"`` the row of ``init_token``.
         init_token: id, special-token name or one-token text (with ``tokenizer``).
+        table: the base table to initialise from, when the model's is not loaded yet
+            (a model on the meta device, sharded later by FSDP2).
 
     Returns:
         The new ``PauseEmbedding`` (now ``model.tok_embeddings``), or None when ``pause.num == 0``.
@@ -282,9 +286,13 @@ def add_pause_embeddings(
         )
     if pause.mode == "reserved" and max(pause.ids) >= vocab:
         raise ValueError(f"reserved pause ids {list(pause.ids)} do not fit the model's {vocab}-row embedding table")
-    rows = _initial_rows(base, len(pause.ids), init, init_std, init_token, tokenizer)
+    rows = _initial_rows(base.weight if table is None else table, len(pause.ids), init, init_std, init_token,
+                         tokenizer)
     module = PauseEmbedding(base, pause, rows)
     model.tok_embeddings = module
+    output = getattr(model, "output", None)
+    if getattr(output, "tied_module", None) is base:  # torchtune's TiedLinear
+        output.tied_module = module
     return module
 
 
@@ -318,8 +326,10 @@ def _metadata(pause: PauseTokens, dim: int, base_vocab_size: int) -> dict:
     }
 
 
-def save_pause_embeddings(module: PauseEmbedding, path: str) -> str:
+def save_pause_embeddings(module: PauseEmbedding, path: str, rows: Optional[torch.Tensor] = None) -> str:
     """Write the pause rows and their metadata to ``path`` (a file or a directory).
+
+    ``rows``: the full rows, when ``module.pause_weight`` holds one rank's shard (FSDP2).
 
     Atomic: the file is written beside its destination and renamed into place,
     so a crash never leaves a half-written file under the final name.
@@ -328,7 +338,7 @@ def save_pause_embeddings(module: PauseEmbedding, path: str) -> str:
 
     if os.path.isdir(path):
         path = os.path.join(path, PAUSE_EMBEDDINGS_FILE)
-    tensor = module.pause_weight.detach().to("cpu").contiguous()
+    tensor = (module.pause_weight if rows is None else rows).detach().to("cpu").contiguous()
     metadata = _metadata(module.pause, module.embedding_dim, module.num_embeddings)
     atomic_write(path, lambda tmp: save_file({_TENSOR_KEY: tensor}, tmp, metadata=metadata))
     return path
@@ -372,6 +382,14 @@ def pause_tokens_from_metadata(metadata: Mapping[str, Any]) -> PauseTokens:
 
 def load_pause_embeddings(module: PauseEmbedding, path: str) -> dict:
     """Copy saved pause rows into ``module``; a file for another setup fails clearly."""
+    rows, metadata = read_matching_pause_rows(module, path)
+    with torch.no_grad():
+        module.pause_weight.copy_(rows.to(module.pause_weight.dtype))
+    return metadata
+
+
+def read_matching_pause_rows(module: PauseEmbedding, path: str) -> Tuple[torch.Tensor, dict]:
+    """``(rows, metadata)`` from ``path``, checked against ``module``'s pause tokens."""
     rows, metadata = read_pause_embeddings(path)
     expected = {
         "mode": module.pause.mode,
@@ -387,6 +405,4 @@ def load_pause_embeddings(module: PauseEmbedding, path: str) -> dict:
             f"pause embeddings in {path} do not match this model's pause tokens:\n  " + "\n  ".join(wrong)
             + "\nUse the pause_tokens settings the file was trained with, or train new pause embeddings."
         )
-    with torch.no_grad():
-        module.pause_weight.copy_(rows.to(module.pause_weight.dtype))
-    return metadata
+    return rows, metadata

@@ -44,6 +44,10 @@ RECIPES: List[RecipeEntry] = [
         ("qwen2_5_3b_blah", "qwen2_5_3b_blah.yaml"),
         ("demo_cpu_blah", "demo_cpu_blah.yaml"),
     ]),
+    RecipeEntry("blah_qlora_distributed", "blah_qlora_distributed.py", distributed=True, configs=[
+        ("llama3_8b_blah_2gpu", "llama3_8b_blah_2gpu.yaml"),
+        ("llama3_3_70b_blah", "llama3_3_70b_blah.yaml"),
+    ]),
     RecipeEntry("blah_eval", "blah_eval.py", distributed=True, configs=[
         ("llama3_8b_blah_eval", "llama3_8b_blah_eval.yaml"),
         ("smollm2_135m_blah_eval", "smollm2_135m_blah_eval.yaml"),

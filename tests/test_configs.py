@@ -20,8 +20,9 @@ from torchtune_blah.recipe_config import check_phases
 from conftest import REPO
 
 CONFIGS = [(name, os.path.join(REPO, "configs", f)) for entry in RECIPES for name, f in entry.configs]
-TRAIN_CONFIGS = [(n, p) for entry in RECIPES if entry.name == "blah_qlora" for n, p in CONFIGS
-                 if n in dict(entry.configs)]
+TRAIN_CONFIGS = [(n, p) for entry in RECIPES if entry.name in ("blah_qlora", "blah_qlora_distributed")
+                 for n, p in CONFIGS if n in dict(entry.configs)]
+DISTRIBUTED_CONFIGS = [n for entry in RECIPES if entry.name == "blah_qlora_distributed" for n, _ in entry.configs]
 # blah_export / blah_generate: the config has its recipe's name, which `tune cp` resolves to the recipe
 RECIPE_NAMES = {entry.name for entry in RECIPES}
 EVAL_CONFIGS = [(n, os.path.join(REPO, "configs", f)) for entry in RECIPES if entry.name == "blah_eval"
@@ -66,6 +67,12 @@ def test_training_config_resolves(name, path):
         optimizer = tt_config.instantiate(cfg[phase].optimizer, [param])
         tt_config.instantiate(cfg[phase].lr_scheduler, optimizer, num_training_steps=100, last_epoch=-1)
     assert cfg.dataset.pause_tokens == cfg.pause_tokens
+    if name in DISTRIBUTED_CONFIGS:  # what blah_qlora_distributed reads, and the seed's batch of 16 over its GPUs
+        gpus = int(re.search(r"--nproc_per_node (\d+) blah_qlora_distributed", open(path).read()).group(1))
+        assert cfg.validation is None and cfg.enable_activation_checkpointing
+        assert isinstance(cfg.fsdp_cpu_offload, bool) and isinstance(cfg.fsdp_reshard_after_forward, bool)
+        for phase in phases:
+            assert gpus * cfg[phase].batch_size * cfg[phase].gradient_accumulation_steps == 16, phase
 
 
 @pytest.mark.parametrize("name, path", EVAL_CONFIGS, ids=[c[0] for c in EVAL_CONFIGS])
@@ -88,6 +95,8 @@ def test_export_and_generate_configs_name_every_key_their_recipes_read():
 def test_tune_cp_copies_our_recipe_and_configs(tmp_path):
     tune = shutil.which("tune")
     for name, target, source in [("blah_qlora", "r.py", os.path.join(REPO, "recipes", "blah_qlora.py")),
+                                 ("blah_qlora_distributed", "d.py",
+                                  os.path.join(REPO, "recipes", "blah_qlora_distributed.py")),
                                  ("blah_eval", "e.py", os.path.join(REPO, "recipes", "blah_eval.py")),
                                  ("blah_export", "x.py", os.path.join(REPO, "recipes", "blah_export.py")),
                                  ("blah_generate", "g.py", os.path.join(REPO, "recipes", "blah_generate.py"))] + [

@@ -54,7 +54,8 @@ class BlahQLoRARecipeDistributed(TwoPhaseRecipe):
                 "validation: blah_qlora_distributed has no in-training validation (generating under FSDP2 "
                 "needs every rank in lockstep). Set validation=null and evaluate the finished run with "
                 "`tune run --nproc_per_node N blah_eval`.")
-        quantized = "qlora_" in str(cfg.model._component_) or bool(cfg.model.get("quantize_base", False))
+        # torchtune's qlora_* builders quantize; a builder with a quantize_base argument says so itself.
+        quantized = bool(cfg.model.get("quantize_base", "qlora_" in str(cfg.model._component_)))
         if quantized and self.world_size == 1:
             raise ConfigError(
                 "blah_qlora_distributed with one process and an NF4 (QLoRA) base: torchao's NF4 tensors cannot "
@@ -155,6 +156,7 @@ class BlahQLoRARecipeDistributed(TwoPhaseRecipe):
 
     def cleanup(self) -> None:
         super().cleanup()
+        dist.barrier()  # no rank tears the process group down while another still uses it
         dist.destroy_process_group()
 
 

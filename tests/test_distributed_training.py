@@ -1,0 +1,177 @@
+"""blah_qlora_distributed under `tune run --nproc_per_node N` on CPU (gloo, FSDP2).
+
+2 ranks x batch b must train exactly like 1 rank x batch 2b (the unquantized LoRA path:
+torchao's NF4 cannot be FSDP2-sharded over a single rank), and like blah_qlora with
+batch 2b on the NF4 (QLoRA) path when both start from the same adapter; a rank killed
+mid-phase and resumed must end where an uninterrupted run ends.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import demo_cfg, fast_overrides, read_disk_log
+from torchtune_blah.checkpointing import TRAINING_STATE_FILE
+from torchtune_blah.pause import read_pause_embeddings
+
+TUNE = shutil.which("tune")
+# torchrun gives each rank one thread; the in-process comparison run gets the same.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _command(out, tiny_base, nproc, **extra):
+    settings = {"validation": "null", "model.lora_dropout": 0.0, "save_adapter_weights_only": True, **extra}
+    return [TUNE, "run", "--nproc_per_node", str(nproc), "blah_qlora_distributed", "--config", "demo_cpu_blah",
+            *fast_overrides(out, tiny_base, **settings)]
+
+
+def _train(out, tiny_base, nproc, cwd, **extra):
+    result = subprocess.run(_command(out, tiny_base, nproc, **extra), cwd=cwd, capture_output=True, text=True,
+                            timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _assert_same_run(got, ref, loss_rtol=1e-5, atol=1e-6, adapter_atol=1e-5):
+    """Per-step losses and gradient norms (rel 1e-5), pause rows (1e-6), adapter (1e-5).
+
+    The adapter gets 1e-5: the ranks' gradients are summed in another order than one
+    batch's, ~1e-7 apart, and AdamW divides by sqrt(v) + 1e-8, which magnifies that noise
+    in the few elements whose gradient is ~0. Measured: max 6.3e-6 over 76,032 values,
+    2 of them above 1e-6. The gradient norms (clipping) show the scaling is the same.
+    """
+    got_log, ref_log = read_disk_log(got / "logs"), read_disk_log(ref / "logs")
+    for key in ("embed/loss", "lora/loss", "embed/grad_norm", "lora/grad_norm"):
+        assert len(got_log[key]) == len(ref_log[key]) > 0, key
+        for step, (a, b) in enumerate(zip(got_log[key], ref_log[key]), 1):
+            assert abs(a - b) <= loss_rtol * abs(b), f"{key} step {step}: {a} vs {b}"
+    for phase in ("embed", "lora"):
+        torch.testing.assert_close(read_pause_embeddings(str(got / phase))[0],
+                                   read_pause_embeddings(str(ref / phase))[0], rtol=0, atol=atol)
+    got_adapter = load_file(str(got / "lora" / "adapter_model.safetensors"))
+    ref_adapter = load_file(str(ref / "lora" / "adapter_model.safetensors"))
+    assert got_adapter.keys() == ref_adapter.keys() and got_adapter
+    for key in ref_adapter:
+        torch.testing.assert_close(got_adapter[key], ref_adapter[key], rtol=0, atol=adapter_atol)
+    assert any(v.abs().sum() > 0 for k, v in ref_adapter.items() if "lora_B" in k)  # the adapter trained
+
+
+def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path, tiny_base):
+    two, one = tmp_path / "two_ranks", tmp_path / "one_rank"
+    unquantized = {"model.quantize_base": False}
+    _train(two, tiny_base, 2, tmp_path, **unquantized, **{"embed.batch_size": 2, "lora.batch_size": 2})
+    _train(one, tiny_base, 1, tmp_path, **unquantized, **{"embed.batch_size": 4, "lora.batch_size": 4})
+    _assert_same_run(two, one)
+    # the same artifacts as blah_qlora writes
+    for name in ("adapter_config.json", "adapter_model.pt", "pause_embeddings.safetensors", "phase_complete.json"):
+        assert (two / "lora" / name).exists(), name
+    assert not (two / "lora" / "checkpoint").exists() and not (two / ".checkpointer").exists()
+
+
+def test_qlora_two_ranks_match_blah_qlora_from_the_same_start(tmp_path, tiny_base, trained_run, monkeypatch):
+    """NF4 base: FSDP2 over 2 ranks (batch 2) vs the single-device recipe (batch 4). Fresh LoRA
+    weights are drawn differently by the two recipes, so both start from a finished run (init_from)."""
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+
+    start = {"init_from": trained_run, "embed.max_steps": 4, "lora.max_steps": 4}
+    two, single = tmp_path / "fsdp2", tmp_path / "single"
+    _train(two, tiny_base, 2, tmp_path, **start, **{"embed.batch_size": 2, "lora.batch_size": 2})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = demo_cfg(fast_overrides(single, tiny_base, **start, **{
+            "embed.batch_size": 4, "lora.batch_size": 4, "validation": "null", "model.lora_dropout": 0.0,
+            "save_adapter_weights_only": True}))
+        recipe = BlahQLoRARecipeSingleDevice(cfg)
+        recipe.setup(cfg)
+        recipe.train()
+        recipe.cleanup()
+    finally:
+        torch.set_num_threads(torch_threads)
+    _assert_same_run(two, single)
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _rank_pid(launcher_pid, rank):
+    for pid in _descendants(launcher_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def test_sigkill_of_one_rank_mid_phase_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
+    # NF4 base, LoRA dropout 0.1: each rank's RNG state is part of what must come back.
+    settings = {"model.lora_dropout": 0.1, "embed.max_steps": 4, "lora.max_steps": 12, "lora.save_every_n_steps": 2}
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    _train(reference, tiny_base, 2, tmp_path, **settings)
+
+    state_file = interrupted / "lora" / TRAINING_STATE_FILE
+    launcher = subprocess.Popen(_command(interrupted, tiny_base, 2, **settings), cwd=tmp_path, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not state_file.exists():
+        assert launcher.poll() is None, launcher.stderr.read().decode()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    rank1 = _rank_pid(launcher.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0  # torchrun saw its worker die and stopped the other one
+    assert not (interrupted / "lora" / "phase_complete.json").exists(), "killed too late"
+    state = torch.load(state_file, weights_only=False)
+    assert 0 < state["step"] < 12 and state["world_size"] == 2 and len(state["rng"]) == 2
+
+    # Resuming with another number of processes is refused, and the checkpoint is kept.
+    other = subprocess.run(_command(interrupted, tiny_base, 1, resume_from_checkpoint=True,
+                                    **{**settings, "model.quantize_base": False}),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
+    assert other.returncode != 0 and "was written by 2 process(es)" in other.stderr, other.stderr[-3000:]
+    assert torch.load(state_file, weights_only=False)["step"] == state["step"]
+
+    resumed = _train(interrupted, tiny_base, 2, tmp_path, resume_from_checkpoint=True, **settings)
+    assert "lora: resuming at step" in resumed.stderr and "embed: already complete" in resumed.stderr
+    _assert_same_run_after_resume(interrupted, reference, resumed_from=state["step"])
+
+
+def _assert_same_run_after_resume(got, ref, resumed_from):
+    """Final rows and adapter equal; the resumed steps log the reference's losses."""
+    got_log, ref_log = read_disk_log(got / "logs"), read_disk_log(ref / "logs")
+    ref_losses = ref_log["lora/loss"]
+    assert got_log["lora/loss"][-(len(ref_losses) - resumed_from):] == ref_losses[resumed_from:]
+    for phase in ("embed", "lora"):
+        torch.testing.assert_close(read_pause_embeddings(str(got / phase))[0],
+                                   read_pause_embeddings(str(ref / phase))[0], rtol=0, atol=1e-6)
+    got_adapter = load_file(str(got / "lora" / "adapter_model.safetensors"))
+    ref_adapter = load_file(str(ref / "lora" / "adapter_model.safetensors"))
+    assert got_adapter.keys() == ref_adapter.keys()
+    for key in ref_adapter:
+        torch.testing.assert_close(got_adapter[key], ref_adapter[key], rtol=0, atol=1e-6)

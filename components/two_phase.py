@@ -184,15 +184,8 @@ class TwoPhaseRecipe(FTRecipeInterface):
                    f"{self._validation.every_n_steps} steps")
 
     def _validate(self, phase: str, step: int) -> None:
-        batch_size = self._validation.get("batch_size", 8)
-        rows = []
         self._model.eval()
-        for i in range(0, len(self._val_records), batch_size):
-            rows += answer_records(
-                self._model, self._tokenizer, self._val_records[i:i + batch_size],
-                self._pause, prompt_style=self._val_style,
-                stop_ids=self._val_stop_ids, probe=self._val_probe,
-                max_new_tokens=self._validation.get("max_new_tokens", 64))
+        rows = self._answer_validation_records()
         self._model.train()
         seed, official = seed_metrics(rows), official_metrics(rows)
         self._log_metrics({
@@ -201,6 +194,19 @@ class TwoPhaseRecipe(FTRecipeInterface):
         }, step=step)
         self._info(f"{phase} step {step}: validation exact match {seed['pct_exact_match']:.2f}% "
                    f"(official exact {official['exact']:.2f}, f1 {official['f1']:.2f})")
+
+    def _answer_validation_records(self, records=None) -> list:
+        """blah_eval's result rows for the held-out records (or ``records``), in batches."""
+        records = self._val_records if records is None else records
+        batch_size = self._validation.get("batch_size", 8)
+        rows = []
+        for i in range(0, len(records), batch_size):
+            rows += answer_records(
+                self._model, self._tokenizer, records[i:i + batch_size],
+                self._pause, prompt_style=self._val_style,
+                stop_ids=self._val_stop_ids, probe=self._val_probe,
+                max_new_tokens=self._validation.get("max_new_tokens", 64))
+        return rows
 
     def _dataloader(self, batch_size: int) -> StatefulDataLoader:
         # Every rank shuffles with the same seed and takes every world_size-th sample, so

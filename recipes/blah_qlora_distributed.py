@@ -22,9 +22,8 @@
 # ranks, start from the same values. So 2 ranks x batch b train exactly like
 # 1 rank x batch 2b (tests/test_distributed_training.py).
 #
-# Not supported here: in-training validation (generation under FSDP2 needs every
-# rank in lockstep; evaluate a finished run with `tune run --nproc_per_node N blah_eval`)
-# and DoRA.
+# In-training validation gathers the whole model on every GPU while the ranks answer
+# their share of the held-out questions (see _answer_validation_records). Not supported: DoRA.
 
 import sys
 from functools import partial
@@ -33,6 +32,7 @@ from typing import Any, Dict
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune import config, modules, training, utils
 
@@ -49,11 +49,6 @@ class BlahQLoRARecipeDistributed(TwoPhaseRecipe):
 
     def __init__(self, cfg: DictConfig) -> None:
         self.world_size, self.rank = utils.get_world_size_and_rank()
-        if cfg.get("validation") is not None:
-            raise ConfigError(
-                "validation: blah_qlora_distributed has no in-training validation (generating under FSDP2 "
-                "needs every rank in lockstep). Set validation=null and evaluate the finished run with "
-                "`tune run --nproc_per_node N blah_eval`.")
         # torchtune's qlora_* builders quantize; a builder with a quantize_base argument says so itself.
         quantized = bool(cfg.model.get("quantize_base", "qlora_" in str(cfg.model._component_)))
         if quantized and self.world_size == 1:
@@ -111,6 +106,34 @@ class BlahQLoRARecipeDistributed(TwoPhaseRecipe):
         training.validate_no_params_on_meta_device(model)
         dist.barrier()
         return model, pause_module
+
+    # ------------------------------------------------------------------ validation
+
+    def _answer_validation_records(self, records=None) -> list:
+        """Each rank answers every world_size-th held-out question; rank 0 gets all rows.
+
+        Generation makes a data-dependent number of forward calls, and an FSDP2 forward
+        all-gathers each layer with every rank. So the whole model is gathered once, kept
+        gathered while the ranks answer on their own (no collective in between), then sharded
+        again: validation needs the whole model's memory on every GPU while it runs.
+        """
+        # shard_model gave every unit, the root included, fsdp_reshard_after_forward: restored after.
+        fsdp_modules = [m for m in self._model.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp_modules:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            mine = super()._answer_validation_records(self._val_records[self.rank::self.world_size])
+        finally:
+            for m in fsdp_modules:
+                m.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
+                m.reshard()
+        shards = [None] * self.world_size
+        dist.all_gather_object(shards, mine)
+        rows = [None] * len(self._val_records)
+        for rank, shard in enumerate(shards):
+            rows[rank::self.world_size] = shard
+        return rows
 
     # ------------------------------------------------------------------ collectives
 

@@ -25,7 +25,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _command(out, tiny_base, nproc, **extra):
-    settings = {"validation": "null", "model.lora_dropout": 0.0, "save_adapter_weights_only": True, **extra}
+    settings = {"model.lora_dropout": 0.0, "save_adapter_weights_only": True, **extra}
+    if not any(key.startswith("validation") for key in extra):
+        settings["validation"] = "null"
     return [TUNE, "run", "--nproc_per_node", str(nproc), "blah_qlora_distributed", "--config", "demo_cpu_blah",
             *fast_overrides(out, tiny_base, **settings)]
 
@@ -75,19 +77,22 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path, tiny_base)
 
 def test_qlora_two_ranks_match_blah_qlora_from_the_same_start(tmp_path, tiny_base, trained_run, monkeypatch):
     """NF4 base: FSDP2 over 2 ranks (batch 2) vs the single-device recipe (batch 4). Fresh LoRA
-    weights are drawn differently by the two recipes, so both start from a finished run (init_from)."""
+    weights are drawn differently by the two recipes, so both start from a finished run (init_from).
+    In-training validation (each rank answers half the held-out questions) logs the same scores."""
     from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
 
-    start = {"init_from": trained_run, "embed.max_steps": 4, "lora.max_steps": 4}
+    # small learning rates: the model stays near the trained run, so validation has answers to score
+    start = {"init_from": trained_run, "embed.max_steps": 4, "lora.max_steps": 4, "embed.optimizer.lr": 1e-4,
+             "lora.optimizer.lr": 1e-4, "validation.every_n_steps": 2,
+             "validation.max_examples": 10, "validation.batch_size": 4, "validation.max_new_tokens": 24}
     two, single = tmp_path / "fsdp2", tmp_path / "single"
-    _train(two, tiny_base, 2, tmp_path, **start, **{"embed.batch_size": 2, "lora.batch_size": 2})
+    _train(two, tiny_base, 2, tmp_path, **{"embed.batch_size": 2, "lora.batch_size": 2}, **start)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cfg = demo_cfg(fast_overrides(single, tiny_base, **start, **{
-            "embed.batch_size": 4, "lora.batch_size": 4, "validation": "null", "model.lora_dropout": 0.0,
-            "save_adapter_weights_only": True}))
+            "embed.batch_size": 4, "lora.batch_size": 4, "model.lora_dropout": 0.0, "save_adapter_weights_only": True}))
         recipe = BlahQLoRARecipeSingleDevice(cfg)
         recipe.setup(cfg)
         recipe.train()
@@ -95,6 +100,11 @@ def test_qlora_two_ranks_match_blah_qlora_from_the_same_start(tmp_path, tiny_bas
     finally:
         torch.set_num_threads(torch_threads)
     _assert_same_run(two, single)
+    got, ref = read_disk_log(two / "logs"), read_disk_log(single / "logs")
+    for key in ("val_exact_match", "val_valid_json", "val_official_f1"):
+        assert got[f"lora/{key}"] == ref[f"lora/{key}"] and len(ref[f"lora/{key}"]) == 2, key
+        assert got[f"embed/{key}"] == ref[f"embed/{key}"], key
+    assert max(ref["lora/val_valid_json"]) > 0  # the model answers: the scores are not all zero by default
 
 
 def _descendants(pid):

@@ -57,7 +57,12 @@ from torchtune_blah.eval.metrics import official_metrics, seed_metrics
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import adapter_parameter_names, build_model, lora_settings
-from torchtune_blah.pause import as_pause_tokens, load_pause_embeddings, read_matching_pause_rows, save_pause_embeddings
+from torchtune_blah.pause import (
+    as_pause_tokens,
+    load_pause_embeddings,
+    read_matching_pause_rows,
+    save_pause_embeddings,
+)
 from torchtune_blah.recipe_config import check_qlora_config, init_from_stage
 
 log = utils.get_logger("INFO")

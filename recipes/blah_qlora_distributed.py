@@ -36,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune import config, modules, training, utils
 
+from torchtune_blah.checkpointing import rng_state, set_rng_state
 from torchtune_blah.model import adapter_parameter_names
 from torchtune_blah.pause import add_pause_embeddings, load_pause_embeddings
 from torchtune_blah.recipe_config import ConfigError, init_from_stage
@@ -163,15 +164,11 @@ class BlahQLoRARecipeDistributed(TwoPhaseRecipe):
 
     def _rng_state(self) -> Any:
         # Each rank has its own RNG stream (LoRA dropout): keep every rank's.
-        from torchtune_blah.checkpointing import rng_state
-
         states = [None] * self.world_size
         dist.all_gather_object(states, rng_state())
         return states
 
     def _set_rng_state(self, state: Any) -> None:
-        from torchtune_blah.checkpointing import set_rng_state
-
         set_rng_state(state[self.rank])
 
     def _full_model_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -6,10 +6,11 @@ switched off: the model learns to think before it learns to speak. Phase
 "lora" loads them, freezes them (as the seed did) and trains QLoRA adapters.
 With pause_tokens.num=0 and phases=[lora] this is plain answer-only QLoRA SFT.
 
-The loop follows torchtune's ``lora_finetune_single_device`` /
-``lora_finetune_distributed`` step for step (same loss normalisation over all
-ranks' tokens, data order and RNG use), so with zero pause tokens both log the
-same losses (tests/test_recipe_parity.py).
+The loop follows torchtune's ``lora_finetune_single_device`` step for step (same
+loss normalisation, data order and RNG use), so with zero pause tokens blah_qlora
+logs the same losses (tests/test_recipe_parity.py); across ranks it normalises by
+all ranks' tokens as ``lora_finetune_distributed`` does
+(tests/test_distributed_training.py).
 
 ``TwoPhaseRecipe`` is the whole recipe on one device. The distributed recipe
 overrides only what FSDP2 changes: how the model is built and sharded, the
@@ -298,7 +299,7 @@ class TwoPhaseRecipe(FTRecipeInterface):
     def _train_phase(self, phase: str, phase_dir: str, pcfg: DictConfig) -> None:
         train_pause = phase == "embed" or bool(pcfg.get("train_pause_embeddings", False))
         trainable = self._set_trainable(phase, train_pause)
-        num_trainable = sum(self._full_numel(p) for p in trainable.values())
+        num_trainable = sum(p.numel() for p in trainable.values())  # a DTensor's numel is its global size
         detail = (f" ({len(self._pause.ids)} pause rows x {self._pause_module.embedding_dim})"
                   if phase == "embed" else "")
         self._info(f"{phase}: {num_trainable:,} trainable parameters{detail}; everything else frozen")
@@ -373,10 +374,6 @@ class TwoPhaseRecipe(FTRecipeInterface):
                     save_state(step, epoch, None)
 
         self._finish_phase(phase, phase_dir, step, num_trainable)
-
-    @staticmethod
-    def _full_numel(param: torch.Tensor) -> int:
-        return param.numel()  # a DTensor's numel is its global size
 
     def _train_epoch(self, phase, phase_dir, batches, dataloader, optimizer, scheduler, trainable, accum, clip,
                      step, total_steps, epoch, ignore_labels, save_every, save_state) -> int:

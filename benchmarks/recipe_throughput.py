@@ -1,6 +1,6 @@
 """Throughput and peak memory: torchtune's LoRA recipe vs our lora and embed phases.
 
-    python benchmarks/recipe_throughput.py [--steps 40] [--batch-size 4] [--device cpu]
+    python benchmarks/recipe_throughput.py [--steps 40] [--batch-size 4] [--device cpu] [--nproc 2]
 
 One command, same tiny NF4 model, tokenizer, data (the bundled SQuAD sample), seed
 and step count for all three runs, each a fresh `tune run` process:
@@ -9,6 +9,10 @@ and step count for all three runs, each a fresh `tune run` process:
   lora        blah_qlora phases=[lora], no pause tokens (the same training)
   embed       blah_qlora phases=[embed], 5 pause tokens: only the pause rows train,
               the adapters are switched off
+
+With --nproc N (N >= 2) every run has N processes, FSDP2: torchtune's
+lora_finetune_distributed against blah_qlora_distributed (batch per process). On a
+CPU, torchtune's recipe runs through gloo_recipe.py (it assumes NCCL and CUDA).
 
 Tokens/s is torchtune's own metric (tokens_per_second_per_gpu: supervised tokens
 per second), median over the steps after the first 5 (warm-up). The three runs
@@ -28,12 +32,13 @@ import tempfile
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 DEMO = os.path.join(REPO, "configs", "demo_cpu_blah.yaml")
 WARMUP = 5
 
 
-def configs(out_root, steps, batch_size, device, dtype):
+def configs(out_root, steps, batch_size, device, dtype, distributed=False):
     with open(DEMO) as f:
         demo = yaml.safe_load(f)
     base = os.path.join(out_root, "tiny_base")
@@ -59,12 +64,16 @@ def configs(out_root, steps, batch_size, device, dtype):
                                 "num_warmup_steps": 1},
                   clip_grad_norm=demo["lora"]["clip_grad_norm"], enable_activation_offloading=False,
                   save_adapter_weights_only=True)
+    theirs["profiler"] = {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False}
     theirs["pause_tokens"] = {"num": 0}
     theirs["dataset"] = dict(demo["dataset"], pause_tokens={"num": 0})
     theirs["checkpointer"] = dict(demo["checkpointer"], output_dir=theirs["output_dir"])
     theirs["metric_logger"] = dict(demo["metric_logger"], log_dir=os.path.join(theirs["output_dir"], "logs"))
     lora, embed = ours("lora", "lora", 0), ours("embed", "embed", 5)
     lora["save_adapter_weights_only"] = True
+    if distributed:
+        return {"torchtune": ("lora_finetune_distributed", theirs), "lora": ("blah_qlora_distributed", lora),
+                "embed": ("blah_qlora_distributed", embed)}
     return {"torchtune": ("lora_finetune_single_device", theirs), "lora": ("blah_qlora", lora),
             "embed": ("blah_qlora", embed)}
 
@@ -79,17 +88,25 @@ def read_log(log_dir, prefix):
     return [{k[len(prefix):]: float(v) for k, v in r.items() if k.startswith(prefix)} for r in rows]
 
 
-def run(recipe, cfg, workdir):
+def run(recipe, cfg, workdir, nproc=1):
     path = os.path.join(workdir, os.path.basename(cfg["output_dir"]) + ".yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
-    proc = subprocess.Popen([shutil.which("tune"), "run", recipe, "--config", path], cwd=workdir,
+    command = [shutil.which("tune"), "run", *(["--nproc_per_node", str(nproc)] if nproc > 1 else []), recipe,
+               "--config", path]
+    if recipe == "lora_finetune_distributed" and cfg["device"] == "cpu":
+        from importlib.util import find_spec
+
+        recipes_dir = list(find_spec("recipes").submodule_search_locations)[0]  # torchtune's, not importable
+        command = [shutil.which("torchrun"), "--nproc_per_node", str(nproc), os.path.join(HERE, "gloo_recipe.py"),
+                   os.path.join(recipes_dir, f"{recipe}.py"), "--config", path]
+    proc = subprocess.Popen(command, cwd=workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         sys.exit(f"{recipe} failed:\n{output[-3000:]}")
-    return usage.ru_maxrss / 1024  # MiB
+    return usage.ru_maxrss / 1024  # MiB: the largest process (one rank, with --nproc)
 
 
 def main():
@@ -98,6 +115,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs); >= 2: the FSDP2 recipes")
     args = p.parse_args()
     from torchtune_blah.tiny import TINY_MODEL_ARGS
 
@@ -107,8 +125,9 @@ def main():
 
         write_tiny_hf_checkpoint(os.path.join(root, "tiny_base"))
         write_tiny_tiktoken(os.path.join(root, "tiny_base", "tokenizer.model"))
-        for name, (recipe, cfg) in configs(root, args.steps, args.batch_size, args.device, args.dtype).items():
-            rss = run(recipe, cfg, root)
+        runs = configs(root, args.steps, args.batch_size, args.device, args.dtype, distributed=args.nproc > 1)
+        for name, (recipe, cfg) in runs.items():
+            rss = run(recipe, cfg, root, args.nproc)
             prefix = "" if name == "torchtune" else f"{name}/"
             rows = read_log(cfg["metric_logger"]["log_dir"], prefix)[WARMUP:]
             tokens_per_second = statistics.median(r["tokens_per_second_per_gpu"] for r in rows)
@@ -116,7 +135,10 @@ def main():
             results[name] = (tokens_per_second, peak)
     unit = "GiB allocated" if args.device == "cuda" else "MiB max RSS"
     print(f"tiny Llama 3 ({TINY_MODEL_ARGS['num_layers']} layers, dim {TINY_MODEL_ARGS['embed_dim']}), NF4 + LoRA, "
-          f"{args.steps} steps of batch {args.batch_size}, {args.device}/{args.dtype}, median of steps {WARMUP + 1}+")
+          f"{args.steps} steps of batch {args.batch_size}, {args.device}/{args.dtype}, median of steps {WARMUP + 1}+"
+          + (f", {args.nproc} processes (FSDP2)" if args.nproc > 1 else ""))
+    for name, (recipe, _) in runs.items():
+        print(f"  {name:<10} = {recipe}")
     for name, (tps, peak) in results.items():
         print(f"  {name:<10} {tps:9.1f} tokens/s   peak {peak:,.2f} {unit}")
     tt, lora, embed = (results[k][0] for k in ("torchtune", "lora", "embed"))

@@ -127,23 +127,28 @@ def tiny_qlora_llama3(
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     quantize_base: bool = True,
+    tie_word_embeddings: bool = False,
     **overrides,
 ):
-    """The tiny decoder with NF4 base weights and LoRA (default: every linear layer, as the seed)."""
+    """The tiny decoder with NF4 base weights and LoRA (default: every linear layer, as the seed).
+    ``tie_word_embeddings``: built as Llama 3.2 (the output reads the embedding table; no LoRA on it)."""
     from torchtune.models.llama3._component_builders import lora_llama3
+    from torchtune.models.llama3_2._component_builders import lora_llama3_2
 
-    return lora_llama3(
+    kwargs = dict(
         lora_attn_modules=list(lora_attn_modules), apply_lora_to_mlp=apply_lora_to_mlp,
         apply_lora_to_output=apply_lora_to_output, vocab_size=TINY_VOCAB_SIZE, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, quantize_base=quantize_base,
         **{**TINY_MODEL_ARGS, **overrides},
     )
+    return lora_llama3_2(**kwargs, tie_word_embeddings=True) if tie_word_embeddings else lora_llama3(**kwargs)
 
 
-def write_tiny_hf_checkpoint(checkpoint_dir: str, seed: int = 0) -> str:
+def write_tiny_hf_checkpoint(checkpoint_dir: str, seed: int = 0, tie_word_embeddings: bool = False) -> str:
     """A random-initialised tiny Llama 3 in Hugging Face's layout (``model.safetensors`` +
     ``config.json``), as ``tune download`` would leave a real one. Deterministic for a
-    seed, made once (existing files are kept), and it leaves the global RNG untouched."""
+    seed, made once (existing files are kept), and it leaves the global RNG untouched.
+    ``tie_word_embeddings``: no ``lm_head.weight`` (the output reads the embedding table)."""
     import torch
     from safetensors.torch import save_file
     from torchtune.models.convert_weights import tune_to_hf
@@ -155,7 +160,7 @@ def write_tiny_hf_checkpoint(checkpoint_dir: str, seed: int = 0) -> str:
         return checkpoint_dir
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = tiny_llama3()
+        model = tiny_llama3(tie_word_embeddings=tie_word_embeddings)
     args = TINY_MODEL_ARGS
     hf = tune_to_hf({k: v.contiguous() for k, v in model.state_dict().items()},
                     num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], dim=args["embed_dim"])
@@ -166,7 +171,8 @@ def write_tiny_hf_checkpoint(checkpoint_dir: str, seed: int = 0) -> str:
         "hidden_size": args["embed_dim"], "intermediate_size": args["intermediate_dim"],
         "num_hidden_layers": args["num_layers"], "num_attention_heads": args["num_heads"],
         "num_key_value_heads": args["num_kv_heads"], "max_position_embeddings": args["max_seq_len"],
-        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": "float32",
     }, config_path)
     return checkpoint_dir
 

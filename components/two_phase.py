@@ -29,6 +29,7 @@ Outputs (the evaluation recipe reads exactly this layout):
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -491,3 +492,15 @@ class TwoPhaseRecipe(FTRecipeInterface):
     def cleanup(self) -> None:
         if self._is_rank_zero:
             self._metric_logger.close()
+
+
+def run_recipe(recipe: TwoPhaseRecipe, cfg: DictConfig) -> None:
+    """Set up, train both phases, clean up; a run stopped on a non-finite loss exits with status 1."""
+    recipe.setup(cfg=cfg)
+    try:
+        recipe.train()
+    except TrainingStopped as stop:
+        log.error(str(stop))
+        sys.exit(1)
+    finally:
+        recipe.cleanup()

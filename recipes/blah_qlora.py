@@ -26,7 +26,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
-from torchtune_blah.two_phase import TrainingStopped, TwoPhaseRecipe, log
+from torchtune_blah.two_phase import TrainingStopped, TwoPhaseRecipe, run_recipe
 
 __all__ = ["BlahQLoRARecipeSingleDevice", "TrainingStopped"]
 
@@ -38,15 +38,7 @@ class BlahQLoRARecipeSingleDevice(TwoPhaseRecipe):
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="BlahQLoRARecipeSingleDevice", cfg=cfg)
-    recipe = BlahQLoRARecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    try:
-        recipe.train()
-    except TrainingStopped as stop:
-        log.error(str(stop))
-        sys.exit(1)
-    finally:
-        recipe.cleanup()
+    run_recipe(BlahQLoRARecipeSingleDevice(cfg=cfg), cfg)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from torchtune_blah.checkpointing import rng_state, set_rng_state
 from torchtune_blah.model import adapter_parameter_names
 from torchtune_blah.pause import add_pause_embeddings, load_pause_embeddings
 from torchtune_blah.recipe_config import ConfigError, init_from_stage
-from torchtune_blah.two_phase import PAUSE_PARAM, TrainingStopped, TwoPhaseRecipe, log
+from torchtune_blah.two_phase import PAUSE_PARAM, TwoPhaseRecipe, run_recipe
 
 TOK_EMBEDDINGS = "tok_embeddings.weight"
 
@@ -214,15 +214,7 @@ def recipe_main(cfg: DictConfig) -> None:
     if cfg.get("fsdp_cpu_offload", False):
         training.set_torch_num_threads()  # the optimizer steps on the CPU: use its cores (torchtune's way)
     config.log_config(recipe_name="BlahQLoRARecipeDistributed", cfg=cfg)
-    recipe = BlahQLoRARecipeDistributed(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    try:
-        recipe.train()
-    except TrainingStopped as stop:
-        log.error(str(stop))
-        sys.exit(1)
-    finally:
-        recipe.cleanup()
+    run_recipe(BlahQLoRARecipeDistributed(cfg=cfg), cfg)
 
 
 if __name__ == "__main__":

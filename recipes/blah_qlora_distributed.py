@@ -6,7 +6,8 @@
 # torchtune_blah.two_phase); what changes is torchtune's distributed machinery,
 # as in its lora_finetune_distributed recipe:
 #   - the model is built on the meta device and sharded with FSDP2
-#     (training.shard_model / fully_shard, one unit per transformer layer plus the root),
+#     (training.shard_model / fully_shard: one unit per transformer layer, one per
+#     custom_sharded_layers entry, and the root),
 #     then every rank loads its shards of the base checkpoint;
 #   - each rank reads every world_size-th sample (StatefulDistributedSampler), the step's
 #     loss and gradients are normalised by all ranks' tokens together;
@@ -19,8 +20,8 @@
 #
 # Fresh LoRA weights and the initial pause rows are drawn on the CPU from `seed`,
 # not from torchtune's per-rank seed (seed + rank): every rank, and any number of
-# ranks, start from the same values. So 2 ranks x batch b train exactly like
-# 1 rank x batch 2b (tests/test_distributed_training.py).
+# ranks, start from the same values. So 2 ranks x batch b train like 1 rank x batch 2b,
+# up to the order in which floats are summed (tests/test_distributed_training.py).
 #
 # In-training validation gathers the whole model on every GPU while the ranks answer
 # their share of the held-out questions (see _answer_validation_records). Not supported: DoRA.

@@ -47,6 +47,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import (
+    TRAINING_STATE_FILE,
     atomic_write,
     load_training_state,
     mark_phase_complete,
@@ -65,7 +66,7 @@ from torchtune_blah.pause import (
     read_matching_pause_rows,
     save_pause_embeddings,
 )
-from torchtune_blah.recipe_config import check_qlora_config, init_from_stage
+from torchtune_blah.recipe_config import ConfigError, check_qlora_config, init_from_stage
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -98,7 +99,24 @@ class TwoPhaseRecipe(FTRecipeInterface):
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and self._device.type == "cuda"
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
         self._phase_cfgs = {phase: cfg[phase] for phase in self._phases}
+        if self._resume:
+            self._check_resume_world_size()
         self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
+
+    def _check_resume_world_size(self) -> None:
+        """A checkpoint holds each process's data position and RNG: resume with as many processes."""
+        for phase in self._phases:
+            path = os.path.join(self._output_dir, phase, TRAINING_STATE_FILE)
+            if not os.path.isfile(path):
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("world_size", 1)
+            if saved != self.world_size:
+                how = ("tune run blah_qlora" if saved == 1
+                       else f"tune run --nproc_per_node {saved} blah_qlora_distributed")
+                raise ConfigError(
+                    f"resume_from_checkpoint: {path} was written by {saved} process(es), this run has "
+                    f"{self.world_size}; resume with `{how}`: each process's data position and RNG state "
+                    "are part of the checkpoint")
 
     def _info(self, message: str) -> None:
         if self._is_rank_zero:
@@ -327,13 +345,6 @@ class TwoPhaseRecipe(FTRecipeInterface):
         step, epoch, restored_rng, dl_state = 0, 0, None, None
         state = load_training_state(phase_dir) if self._resume else None
         if state is not None:
-            saved_world = state.get("world_size", 1)
-            if saved_world != self.world_size:
-                raise ValueError(
-                    f"resume_from_checkpoint: {phase_dir}/checkpoint was written by {saved_world} process(es); "
-                    f"resume with the same number (--nproc_per_node {saved_world}"
-                    f"{', or blah_qlora' if saved_world == 1 else ''}): each process's data position and RNG "
-                    "are part of the checkpoint")
             for name, tensor in state["trainable"].items():
                 self._set_full_tensor(trainable[name], tensor)
             self._load_optimizer_state(optimizer, state["optimizer"])

@@ -1,9 +1,9 @@
 """blah_qlora_distributed under `tune run --nproc_per_node N` on CPU (gloo, FSDP2).
 
-2 ranks x batch b must train exactly like 1 rank x batch 2b (the unquantized LoRA path:
-torchao's NF4 cannot be FSDP2-sharded over a single rank), and like blah_qlora with
-batch 2b on the NF4 (QLoRA) path when both start from the same adapter; a rank killed
-mid-phase and resumed must end where an uninterrupted run ends.
+2 ranks x batch b must train like 1 rank x batch 2b, up to float summation order (the
+unquantized LoRA path, tied output: torchao's NF4 cannot be FSDP2-sharded over a single
+rank), and like blah_qlora with batch 2b on the NF4 (QLoRA) path when both start from the
+same adapter; a rank killed mid-phase and resumed must end where an uninterrupted run ends.
 """
 
 import os
@@ -66,7 +66,8 @@ def _assert_same_run(got, ref, loss_rtol=1e-5, atol=1e-6, adapter_atol=1e-5):
 
 def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path, tiny_base):
     """Unquantized LoRA, and a tied output projection (Llama 3.2 / Qwen2.5 / SmolLM2 architecture): it
-    must read the table FSDP2 gathers into the pause module, or the ranks would disagree."""
+    must read the table FSDP2 gathers into the pause module (the original embedding module stays on
+    the meta device)."""
     from torchtune_blah.tiny import write_tiny_hf_checkpoint
 
     tied_base = dict(tiny_base, checkpoint_dir=write_tiny_hf_checkpoint(str(tmp_path / "tied_base"),

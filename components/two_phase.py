@@ -163,19 +163,24 @@ class TwoPhaseRecipe(FTRecipeInterface):
             cfg.model, base_state_dict, self._pause, self._device, self._dtype,
             pause_init=cfg.get("pause_init"), tokenizer=self._tokenizer,
         )
-        if cfg.get("pause_embeddings_path"):
-            load_pause_embeddings(pause_module, str(cfg.pause_embeddings_path))
-            self._info(f"Loaded pause embeddings from {cfg.pause_embeddings_path}")
-        if cfg.get("init_from"):
-            adapter = self._init_from(init_from_stage(str(cfg.init_from)), pause_module,
-                                      adapter_parameter_names(model))
-            if adapter:
-                model.load_state_dict(adapter, strict=False)
+        adapter = self._start_from_files(cfg, pause_module, adapter_parameter_names(model))
+        if adapter:
+            model.load_state_dict(adapter, strict=False)
         if cfg.get("compile", False):
             training.compile_model(model)
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         return model, pause_module
+
+    def _start_from_files(self, cfg: DictConfig, pause_module, adapter_names) -> Optional[Dict[str, torch.Tensor]]:
+        """``pause_embeddings_path`` or ``init_from``: pause rows loaded into ``pause_module`` (whole
+        tensors, before any sharding); the adapter to start from returned (None: the fresh one)."""
+        if cfg.get("pause_embeddings_path"):
+            load_pause_embeddings(pause_module, str(cfg.pause_embeddings_path))
+            self._info(f"Loaded pause embeddings from {cfg.pause_embeddings_path}")
+        if cfg.get("init_from"):
+            return self._init_from(init_from_stage(str(cfg.init_from)), pause_module, adapter_names)
+        return None
 
     def _init_from(self, stage_dir: str, pause_module, adapter_names) -> Optional[Dict[str, torch.Tensor]]:
         """Start from a finished run (the human-in-the-loop cycle): its pause rows are loaded into

@@ -39,8 +39,8 @@ from torchtune import config, modules, training, utils
 
 from torchtune_blah.checkpointing import rng_state, set_rng_state
 from torchtune_blah.model import adapter_parameter_names
-from torchtune_blah.pause import add_pause_embeddings, load_pause_embeddings
-from torchtune_blah.recipe_config import ConfigError, init_from_stage
+from torchtune_blah.pause import add_pause_embeddings
+from torchtune_blah.recipe_config import ConfigError
 from torchtune_blah.two_phase import PAUSE_PARAM, TwoPhaseRecipe, run_recipe
 
 TOK_EMBEDDINGS = "tok_embeddings.weight"
@@ -76,12 +76,7 @@ class BlahQLoRARecipeDistributed(TwoPhaseRecipe):
                                                 table=base_state_dict[TOK_EMBEDDINGS],
                                                 **dict(cfg.get("pause_init") or {}))
         # Files that replace the fresh values are read before sharding, into whole tensors.
-        if cfg.get("pause_embeddings_path"):
-            load_pause_embeddings(pause_module, str(cfg.pause_embeddings_path))
-            self._info(f"Loaded pause embeddings from {cfg.pause_embeddings_path}")
-        if cfg.get("init_from"):
-            adapter = self._init_from(init_from_stage(str(cfg.init_from)), pause_module,
-                                      adapter_parameter_names(model)) or adapter
+        adapter = self._start_from_files(cfg, pause_module, adapter_parameter_names(model)) or adapter
         # FSDP2 shards NF4 weights only when they are frozen; each phase then sets what trains.
         trainable = set(adapter_parameter_names(model)) | ({PAUSE_PARAM} if pause_module is not None else set())
         for name, param in model.named_parameters():

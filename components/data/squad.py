@@ -319,8 +319,6 @@ def load_squad_records(
     return records
 
 
-
-
 def load_questions_jsonl(path: str) -> List[SquadRecord]:
     """Unlabeled questions, one JSON object per line: ``{"context": ..., "question": ...}`` with an
     optional ``id`` (default: ``question_id``) and ``title``; any ``answers`` are ignored.

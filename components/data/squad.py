@@ -158,7 +158,24 @@ def check_prompt_templates(prompt_style: str, single_turn_prompt: str, multi_tur
 BUNDLED = {
     "bundled_sample": "squad_v2_sample.json",  # dev-set articles: 626 questions, 333 unanswerable
     "bundled_train": "squad_v2_train_short.json",  # training-set articles: 591 questions, 197 unanswerable
+    "bundled_pool": "squad_v2_dev_pool_short.json",  # 20 other dev-set articles: 3,379 questions, 1,705 unanswerable
 }
+# bundled_pool is split by whole article, so that validation predicts articles a model never saw:
+# split "validation" is these 4 articles (603 questions, 296 unanswerable), "train" the other 16
+# (2,776 questions, 1,409 unanswerable), "all" both. None of the 20 is in bundled_sample, the
+# held-out measurement set.
+POOL_VALIDATION_ARTICLES = ("Black_Death", "Pharmacy", "Private_school", "Scottish_Parliament")
+POOL_SPLITS = ("train", "validation", "all")
+
+
+def pool_split(records: Sequence["SquadRecord"], split: str) -> List["SquadRecord"]:
+    """The records of bundled_pool's ``split``: ``train``, ``validation`` (whole articles) or ``all``."""
+    if split not in POOL_SPLITS:
+        raise ValueError(f"dataset.split={split!r}: bundled_pool's splits are {POOL_SPLITS} (by article: "
+                         f"validation is {', '.join(POOL_VALIDATION_ARTICLES)})")
+    if split == "all":
+        return list(records)
+    return [r for r in records if (r.title in POOL_VALIDATION_ARTICLES) == (split == "validation")]
 
 
 def bundled_path(name: str) -> str:
@@ -287,13 +304,17 @@ def load_squad_records(
 
     Args:
         source: ``"json"`` for local files (official format, JSON list or JSONL,
-            detected per file), ``"bundled_sample"`` (626 dev-set questions) or
-            ``"bundled_train"`` (591 training-set questions with short contexts) for the
-            package's real SQuAD 2.0 slices, anything else goes to ``datasets.load_dataset``
+            detected per file), ``"bundled_sample"`` (626 dev-set questions),
+            ``"bundled_train"`` (591 training-set questions with short contexts) or
+            ``"bundled_pool"`` (3,379 questions of 20 other dev-set articles, short contexts,
+            split by article) for the package's real SQuAD 2.0 slices, anything else goes to ``datasets.load_dataset``
             (``"rajpurkar/squad_v2"``, ``"parquet"``, a local dataset folder...).
         data_files: file or files for ``source="json"`` (and passed on otherwise).
-        split: ``"train"`` / ``"validation"`` for the hub; ignored for ``json``.
+        split: ``"train"`` / ``"validation"`` for the hub and ``bundled_pool`` (which also has
+            ``"all"``); ignored for ``json`` and the other bundled slices.
     """
+    if source == "bundled_pool":
+        return pool_split(load_squad_records("json", bundled_path(source)), split)
     if source in BUNDLED:  # the real SQuAD 2.0 slices shipped with the package
         source, data_files = "json", bundled_path(source)
     if source == "json":

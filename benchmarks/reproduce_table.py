@@ -1,21 +1,30 @@
-"""The seed's results table at small scale, on real weights: SmolLM2-135M-Instruct on a CPU.
+"""The article's results table at small scale, on real weights: SmolLM2-135M-Instruct on a CPU.
 
-Rows (the article's, same training questions for every trained row, same held-out dev
-questions for every evaluation, no dev question in training):
+Rows (the article's; the same training questions for every trained row, the same held-out
+questions for every evaluation, no measured article in training or calibration):
 
     base                     the model as it is
     SFT (LoRA, 0 <blah>)     answer-only LoRA, no pause tokens         (blah_qlora phases=[lora] pause_tokens.num=0)
     5 <blah>, embed only     only the 5 pause embeddings train         (phase embed)
     5 <blah> + SFT           then LoRA on top, pause rows frozen       (phase lora after embed)
 
-plus the always-"?" baseline. Training data: the config's (the bundled slice of the SQuAD 2.0
-*training* set for smollm2_135m_blah); evaluation: the eval config's (bundled *dev*-set
-articles). Every step is a `tune run` of our recipes; a rerun skips finished trainings and
-resumes unfinished evaluations.
+each answered twice from one pass: greedy (the article's rule) and calibrated (the abstention
+rule and threshold chosen on validation articles, torchtune_blah.eval.abstention); plus the
+always-"?" baseline and paired differences. Data (all real SQuAD 2.0 *dev*-set articles):
 
-    python benchmarks/reproduce_table.py                               # CPU defaults (48 min on 2 cores)
+    training     bundled_pool split train       16 articles (2,776 questions; the first
+                                                 steps x batch of a seeded shuffle are seen)
+    calibration  bundled_pool split validation  Black Death, Pharmacy, Private school,
+                                                 Scottish Parliament (a seeded sample)
+    measurement  bundled_sample                 Normans, Computational complexity theory,
+                                                 contexts <= 120 words (469 questions)
+
+Every step is a `tune run` of our recipes; a rerun skips finished trainings and resumes
+unfinished evaluations.
+
+    python benchmarks/reproduce_table.py                      # CPU defaults (about 2.5 hours on 2 cores)
     python benchmarks/reproduce_table.py --config smollm2_1_7b_blah --eval-config smollm2_1_7b_blah_eval \\
-        --embed-steps 1000 --lora-steps 3000 --eval-examples 0 --set device=cuda --set dtype=bf16   # a GPU
+        --embed-steps 1000 --lora-steps 3000 --set device=cuda --set dtype=bf16   # a GPU
 
 Writes results.md and results.json into --output-dir and prints the table.
 """
@@ -29,6 +38,7 @@ import sys
 import time
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
+from torchtune_blah.eval.compare import load_rows
 from torchtune_blah.eval.report import comparison_table
 
 
@@ -49,26 +59,38 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="/tmp/torchtune-blah/reproduce_table")
     parser.add_argument("--config", default="smollm2_135m_blah", help="blah_qlora config (name or path)")
     parser.add_argument("--eval-config", default="smollm2_135m_blah_eval", help="blah_eval config (name or path)")
-    parser.add_argument("--embed-steps", type=int, default=50, help="optimizer steps of the embed phase")
-    parser.add_argument("--lora-steps", type=int, default=100, help="optimizer steps of LoRA (both SFT rows)")
+    parser.add_argument("--embed-steps", type=int, default=250, help="optimizer steps of the embed phase")
+    parser.add_argument("--embed-lr", type=float, default=2e-3)
+    parser.add_argument("--lora-steps", type=int, default=250, help="optimizer steps of LoRA (both SFT rows)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-examples", type=int, default=200, help="held-out dev questions (0: all)")
+    parser.add_argument("--validation-examples", type=int, default=200,
+                        help="validation-article questions the threshold is chosen on (0: all 603)")
+    parser.add_argument("--test-examples", type=int, default=0, help="held-out questions (0: all 469)")
+    parser.add_argument("--rows", default="base,sft,embed,blah",
+                        help="which rows to train (as needed) and evaluate, in order: a subset of base,sft,embed,blah")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every training and evaluation run (e.g. device=cuda)")
     args = parser.parse_args(argv)
+    base_name = "SmolLM2-135M-Instruct (base)" if args.config == "smollm2_135m_blah" else "base"
+    all_rows = {"base": (base_name, "blah", "base"), "sft": ("SFT (LoRA, 0 <blah>)", "sft", "lora"),
+                "embed": ("5 <blah>, embeddings only", "blah", "embed"), "blah": ("5 <blah> + SFT (LoRA)", "blah", "lora")}
+    unknown = [r for r in args.rows.split(",") if r not in all_rows]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; choose from {list(all_rows)}")
+    rows = [all_rows[r] for r in args.rows.split(",")]
 
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "runs.log")
-    common_train = [f"embed.max_steps={args.embed_steps}", f"lora.max_steps={args.lora_steps}",
-                    f"embed.batch_size={args.batch_size}", f"lora.batch_size={args.batch_size}",
-                    "embed.epochs=100", "lora.epochs=100", *args.set]
-    runs = {
-        "sft": ["phases=[lora]", "pause_tokens.num=0"],
-        "blah": ["phases=[embed,lora]"],
-    }
+    common_train = ["dataset.source=bundled_pool", "dataset.split=train",
+                    f"embed.max_steps={args.embed_steps}", f"embed.optimizer.lr={args.embed_lr}",
+                    f"lora.max_steps={args.lora_steps}", f"embed.batch_size={args.batch_size}",
+                    f"lora.batch_size={args.batch_size}", *args.set]
+    runs = {"sft": ["phases=[lora]", "pause_tokens.num=0"], "blah": ["phases=[embed,lora]"]}
     seconds = {}
     for name, extra in runs.items():
+        if not any(run == name for _, run, _ in rows):
+            continue
         run_dir = os.path.join(out, name)
         if phase_complete(os.path.join(run_dir, "lora")):
             print(f"{name}: already trained in {run_dir}", flush=True)
@@ -77,26 +99,46 @@ def main(argv=None):
         seconds[f"train_{name}"] = tune_run("blah_qlora", args.config,
                                             [f"output_dir={run_dir}", *common_train, *extra, *resume], log_path)
 
-    rows = [("SmolLM2-135M-Instruct (base)" if args.config == "smollm2_135m_blah" else "base", "sft", "base"),
-            ("SFT (LoRA, 0 <blah>)", "sft", "lora"),
-            ("5 <blah>, embeddings only", "blah", "embed"),
-            ("5 <blah> + SFT (LoRA)", "blah", "lora")]
-    examples = "null" if args.eval_examples == 0 else str(args.eval_examples)
-    named_metrics = []
+    validation = "null" if args.validation_examples == 0 else str(args.validation_examples)
+    test = "null" if args.test_examples == 0 else str(args.test_examples)
+    named = []
     for title, run, stage in rows:
-        eval_dir = os.path.join(out, f"eval_{run}_{stage}")
-        seconds[f"eval_{run}_{stage}"] = tune_run("blah_eval", args.eval_config, [
-            f"run_dir={os.path.join(out, run)}", f"stage={stage}", f"output_dir={eval_dir}",
-            f"dataset.max_examples={examples}", f"model_name={title}", *args.set], log_path)
-        with open(os.path.join(eval_dir, "metrics.json")) as f:
-            named_metrics.append((title, json.load(f)))
+        common = [f"run_dir={os.path.join(out, run)}", f"stage={stage}", f"model_name={title}", *args.set]
+        val_dir, test_dir = os.path.join(out, f"val_{run}_{stage}"), os.path.join(out, f"test_{run}_{stage}")
+        if os.path.isfile(os.path.join(test_dir, "metrics.json")):
+            print(f"{title}: already evaluated in {test_dir}", flush=True)
+            named += [(f"{title}, greedy", f"{test_dir}@greedy"), (f"{title}, calibrated", test_dir)]
+            continue
+        seconds[f"calibrate_{run}_{stage}"] = tune_run("blah_eval", args.eval_config, [
+            *common, f"output_dir={val_dir}", "dataset.source=bundled_pool", "dataset.split=validation",
+            f"dataset.max_examples={validation}", "calibrate=true"], log_path)
+        seconds[f"test_{run}_{stage}"] = tune_run("blah_eval", args.eval_config, [
+            *common, f"output_dir={test_dir}", f"dataset.max_examples={test}", "abstain_threshold=calibrated"],
+            log_path)
+        named += [(f"{title}, greedy", f"{test_dir}@greedy"), (f"{title}, calibrated", test_dir)]
 
-    table = comparison_table(named_metrics)
+    table = comparison_table(load_rows([f"{name}={folder}" for name, folder in named]))
+    calibrations = {}
+    for title, run, stage in rows:
+        with open(os.path.join(out, f"val_{run}_{stage}", "calibration.json")) as f:
+            c = json.load(f)
+        calibrations[title] = {"rule": c["rule"], "threshold": c["threshold"],
+                               "validation_auroc": {r: v["auroc"] for r, v in c["rules"].items()}}
+    lines = [f"| {t} | {c['rule']} > {c['threshold']:.3f} | " +
+             ", ".join(f"{r} {v:.3f}" for r, v in c["validation_auroc"].items()) + " |"
+             for t, c in calibrations.items()]
+    calibration_table = "\n".join(["| Model | calibrated rule | AUROC on validation |", "|---|---|---|", *lines])
     command = "python benchmarks/reproduce_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    atomic_text(f"{table}\nCommand: `{command.strip()}`\n", os.path.join(out, "results.md"))
-    atomic_json({"rows": [{"model": t, **m} for t, m in named_metrics], "seconds": seconds,
-                 "settings": vars(args)}, os.path.join(out, "results.json"))
+    atomic_text(f"{table}\n{calibration_table}\n\nCommand: `{command.strip()}`\n", os.path.join(out, "results.md"))
+    previous = {}
+    if os.path.isfile(os.path.join(out, "results.json")):  # times of the steps an earlier call ran
+        with open(os.path.join(out, "results.json")) as f:
+            previous = json.load(f).get("seconds", {})
+    seconds = {**previous, **seconds}
+    atomic_json({"calibrations": calibrations, "seconds": seconds, "settings": vars(args)},
+                os.path.join(out, "results.json"))
     print(table)
+    print(calibration_table)
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 
 

@@ -46,6 +46,7 @@ from torchtune_blah.data.squad import (
     load_squad_records,
     squad_messages,
 )
+from torchtune_blah.eval.abstention import CALIBRATION_FILE, calibration_path, load_calibration, run_fingerprint
 from torchtune_blah.hf_tokenizer import (
     TokenizerExportError,
     add_pause_tokens,
@@ -83,6 +84,7 @@ class ExportPlan:
     base_config: Dict[str, Any]
     base_dir: str
     eval_metrics: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+    calibration: Optional[Dict[str, Any]] = None  # <stage>/calibration.json (blah_eval calibrate=true)
 
     @property
     def vocab_rows(self) -> int:
@@ -157,10 +159,16 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
         with open(path) as f:
             metrics.append((os.path.basename(os.path.normpath(str(directory))), json.load(f)))
 
+    calibration = None
+    if os.path.isfile(calibration_path(run_dir, stage)):  # refused here if it belongs to other weights
+        style = str((run_cfg.get("dataset") or {}).get("prompt_style", "single_turn"))
+        calibration = load_calibration(calibration_path(run_dir, stage), run_fingerprint(run_cfg, run_dir, stage),
+                                       style)
+
     torch_dtype = training.get_dtype(dtype or run_cfg.get("dtype", "fp32"), device=torch.device("cpu"))
     return ExportPlan(run_dir=run_dir, stage=stage, output_dir=output_dir, format=format, dtype=torch_dtype,
                       run_cfg=run_cfg, fmt=fmt, pause=pause, hf_tokenizer=hf_tok, tokenizer_source=source,
-                      base_config=base_config, base_dir=base_dir, eval_metrics=metrics)
+                      base_config=base_config, base_dir=base_dir, eval_metrics=metrics, calibration=calibration)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -320,8 +328,25 @@ def prompt_spec(plan: ExportPlan) -> Dict[str, Any]:
             "encode with add_special_tokens=False; decode greedily, never emitting suppress_token_ids, and stop "
             "after the first token whose text contains '}' (the end of the JSON answer) or at an end token. "
             "The answer is the JSON block's \"answer\"; \"?\" means no answer in the context."),
+        "abstention": _abstention_spec(plan),
         "run_dir": plan.run_dir,
         "stage": plan.stage,
+    }
+
+
+def _abstention_spec(plan: ExportPlan) -> Dict[str, Any]:
+    """How to decide "?" as blah_eval does: greedy, or the run's calibrated threshold rule."""
+    calibration = plan.calibration
+    if calibration is None:
+        return {"rule": "greedy", "how": "answer what greedy decoding writes (the article's rule); no calibration"}
+    return {
+        "rule": calibration["rule"], "threshold": calibration["threshold"],
+        "calibrated_on": calibration.get("validation"),
+        "how": ("read P(abstain) = the probability of the first value token of \"?\" where the answer value starts "
+                "(after '\\n{\\n  \"answer\": '); decode that position with the \"?\" token suppressed to get the "
+                "best span, and its probability P(span) = the product of its tokens' probabilities up to the '}'. "
+                "Score p_abstain = P(abstain); abstain_vs_span = P(abstain) / (P(abstain) + P(span)). Answer \"?\" "
+                "when the score exceeds threshold, else the span."),
     }
 
 
@@ -373,6 +398,12 @@ def model_card(plan: ExportPlan) -> str:
     if plan.format == "hf":
         lines += ["", "The output projection is untied and keeps the base model's table, so the model cannot score "
                   "the pause tokens from their trained input rows."]
+    calibration = plan.calibration
+    if calibration is not None:
+        articles = ", ".join((calibration.get("validation") or {}).get("articles") or []) or "its validation questions"
+        lines += ["", "## Abstention", f"Calibrated on {calibration.get('questions')} validation questions "
+                  f"({articles}): answer \"?\" when `{calibration['rule']}` exceeds {calibration['threshold']:.4f}, "
+                  f"otherwise the best span (`{PROMPT_FILE}` says how; `calibration.json` has the numbers)."]
     for name, metrics in plan.eval_metrics:
         lines += ["", f"## Evaluation: {name}", "```", format_table(metrics), "```"]
     return "\n".join(lines) + "\n"
@@ -398,6 +429,8 @@ def _write_common_files(plan: ExportPlan, folder: str) -> None:
     atomic_json(generation_config(plan), os.path.join(folder, "generation_config.json"))
     atomic_json(prompt_spec(plan), os.path.join(folder, PROMPT_FILE))
     atomic_text(model_card(plan), os.path.join(folder, "README.md"))
+    if plan.calibration is not None:
+        atomic_json(plan.calibration, os.path.join(folder, CALIBRATION_FILE))
     atomic_text(OmegaConf.to_yaml(plan.run_cfg), os.path.join(folder, "blah_config.yaml"))
 
 

@@ -9,7 +9,10 @@ every step's logits, so they are never generated.
 
 While decoding, ``probe`` records each row's probability of one chosen token at
 one chosen step: evaluation uses it to read the model's probability of
-abstaining right where the answer value starts.
+abstaining right where the answer value starts. With ``probe_mask`` that token is
+also forbidden at that step, so the row decodes its best non-abstention span, and
+each row's log-probability of what it wrote from that step on is summed (the
+span's own probability, for the null-score rule of calibrated abstention).
 """
 
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ class Generation:
     tokens: List[int]  # generated ids, up to and including the stop token
     stopped: bool  # a stop token was generated (else max_new_tokens ran out)
     probe_prob: Optional[float] = None
+    probe_argmax: bool = False  # the probed token was the most likely one at its step (greedy would write it)
+    span_logprob: float = 0.0  # sum of log P(token) of the tokens written from the probe step on (probe_mask)
 
 
 @torch.inference_mode()
@@ -50,17 +55,20 @@ def greedy_generate(
     pause: Optional[PauseTokens] = None,
     use_cache: bool = True,
     probe: Optional[Tuple[int, int]] = None,
+    probe_mask: bool = False,
     on_token: Optional[Callable[[int, int], None]] = None,
 ) -> List[Generation]:
     """Greedy continuations of ``prompts`` (lists of ids), batched with left padding.
 
     ``use_cache=False`` recomputes the whole sequence at each step, one prompt at a
     time (the seed's way; kept for the benchmark and for checking the cache).
-    ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step``.
+    ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step``;
+    ``probe_mask=True`` also forbids ``token_id`` there and sums the log-probabilities
+    (under the unmasked distribution) of the tokens written from ``step`` on.
     ``on_token(row, token_id)`` is called for every generated token as it comes (streaming).
     """
     if not use_cache:
-        return [_generate_one_without_cache(model, p, stop_ids, max_new_tokens, pause, probe,
+        return [_generate_one_without_cache(model, p, stop_ids, max_new_tokens, pause, probe, probe_mask,
                                             (lambda t, row=row: on_token(row, t)) if on_token else None)
                 for row, p in enumerate(prompts)]
     device = next(model.parameters()).device
@@ -81,7 +89,7 @@ def greedy_generate(
         logits = last_logits(model(tokens, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len]))
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            next_ids = _pick(logits, pause, step, probe, out, done)
+            next_ids = _pick(logits, pause, step, probe, probe_mask, out, done)
             for row in torch.nonzero(~done).flatten().tolist():
                 out[row].tokens.append(int(next_ids[row]))
                 if on_token is not None:
@@ -102,26 +110,39 @@ def last_logits(output) -> torch.Tensor:
     return (output[-1] if isinstance(output, list) else output)[:, -1]
 
 
-def _pick(logits, pause, step, probe, out, done):
+def _pick(logits, pause, step, probe, probe_mask, out, done):
     logits = logits.float()
     if pause is not None:
         mask_pause_logits(logits, pause)
+    log_probs = None
     if probe is not None and step == probe[0]:
-        probs = torch.softmax(logits, dim=-1)[:, probe[1]]
-        for row, p in enumerate(probs.tolist()):
+        argmax = logits.argmax(dim=-1)
+        for row, p in enumerate(torch.softmax(logits, dim=-1)[:, probe[1]].tolist()):
             if not bool(done[row]):
                 out[row].probe_prob = p
-    return logits.argmax(dim=-1)
+                out[row].probe_argmax = int(argmax[row]) == probe[1]
+        if probe_mask:  # the span's probabilities are the unmasked model's
+            log_probs = torch.log_softmax(logits, dim=-1)
+            logits[:, probe[1]] = float("-inf")
+    next_ids = logits.argmax(dim=-1)
+    if probe_mask and probe is not None and step >= probe[0]:
+        if log_probs is None:
+            log_probs = torch.log_softmax(logits, dim=-1)
+        for row, lp in enumerate(log_probs.gather(1, next_ids[:, None]).flatten().tolist()):
+            if not bool(done[row]):
+                out[row].span_logprob += lp
+    return next_ids
 
 
-def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, probe, on_token=None) -> Generation:
+def _generate_one_without_cache(model, prompt, stop_ids, max_new_tokens, pause, probe, probe_mask,
+                                on_token=None) -> Generation:
     device = next(model.parameters()).device
     tokens = torch.tensor([list(prompt)], device=device)
     out = Generation(tokens=[], stopped=False)
     done = torch.zeros(1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits = last_logits(model(tokens))
-        next_id = _pick(logits, pause, step, probe, [out], done)
+        next_id = _pick(logits, pause, step, probe, probe_mask, [out], done)
         out.tokens.append(int(next_id))
         if on_token is not None:
             on_token(int(next_id))

@@ -14,9 +14,18 @@
 #   predictions.json    {id: answer} for the official script ("" = abstain)
 #   na_probs.json       {id: P(abstain)} for the official script's best thresholds
 #   eval_data.json      the evaluated questions in the official format (the script's data file)
-#   metrics.json        the seed's five numbers + the official script's keys
-#   results.md          one row in the layout of the seed's results table
+#   metrics.json        the seed's five numbers + the official script's keys, the abstention rate,
+#                       the AUROC of na_prob and 95% bootstrap intervals
+#   results.md          one row in the layout of the seed's results table (+ the same statistics)
+#   risk_coverage.png, na_prob_histogram.png   (with matplotlib, the `plots` extra)
 #   review_queue.jsonl  the least certain answers first, as training records to correct
+#   calibration.json    calibrate=true: the abstention rule and threshold chosen on these questions
+#                       (also written to <run_dir>/<stage>/calibration.json)
+#
+# Abstention: abstain_threshold: null answers as the article does (greedy). A number t in [0, 1]
+# (with abstain_score: p_abstain | abstain_vs_span | p_no) or `calibrated` masks "?" where the
+# answer value starts, decodes the best span, and answers "?" when the score exceeds t
+# (torchtune_blah.eval.abstention). calibrate=true on validation questions picks the rule and t.
 
 import os
 import random
@@ -30,9 +39,12 @@ from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
+from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config, apply_rule, calibrate,
+                                            calibration_path, check_calibration_rows, run_fingerprint)
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
 from torchtune_blah.eval.run import abstention_probe, answer_records, run_prompts
+from torchtune_blah.eval.stats import auroc, summary_statistics
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
 from torchtune_blah.pause import read_pause_embeddings
@@ -84,10 +96,26 @@ class BlahEvalRecipe:
         if data.get("max_examples"):
             self._records = self._records[: int(data.max_examples)]
         self._check_pause_settings(cfg)
+        self._calibrate = bool(cfg.get("calibrate", False))
+        self._calibrate_metric = str(cfg.get("calibrate_metric", "exact"))
+        if self._calibrate:
+            if cfg.get("abstain_threshold") is not None or cfg.get("abstain_score") is not None:
+                raise ValueError("calibrate=true chooses the abstention rule and threshold on these questions; "
+                                 "drop abstain_threshold / abstain_score")
+            if self._calibrate_metric not in METRIC_KEYS:
+                raise ValueError(f"calibrate_metric={self._calibrate_metric!r}: must be one of {tuple(METRIC_KEYS)}")
+            check_calibration_rows([{"has_answer": r.has_answer} for r in self._records])
+            # Answer every question with its best span (never abstain), then choose.
+            self._abstention = {"rule": "p_abstain", "threshold": 1.0, "source": "calibrate"}
+        else:
+            self._abstention = abstention_from_config(cfg, self._run_cfg, cfg.get("run_dir"), self._stage,
+                                                      self._prompt_style)
         self._settings = {"run_dir": str(cfg.get("run_dir")), "stage": self._stage,
                           "prompt_style": self._prompt_style, "batch_size": self._batch_size,
                           "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
                           "ids": [r.id for r in self._records]}
+        if self._abstention is not None:  # (absent for greedy, so older evaluations still resume)
+            self._settings["abstention"] = self._abstention
 
     def _check_pause_settings(self, cfg: DictConfig) -> None:
         """The pause tokens come from the run's artifacts; a config that names others is a mistake."""
@@ -115,6 +143,8 @@ class BlahEvalRecipe:
             quantize_base=self._cfg.get("quantize_base"))
         self._stop_ids = stop_token_ids(self._tokenizer)
         self._probe = abstention_probe(self._tokenizer)
+        self._yes_no_probe = abstention_probe(self._tokenizer, "no", "yes") \
+            if self._prompt_style == "multi_turn" else None
         pause_text = f"{self._pause.num} pause tokens ({self._pause.mode})" if self._pause else "no pause tokens"
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
                  f"{len(self._records)} questions")
@@ -138,7 +168,9 @@ class BlahEvalRecipe:
             for batch in output.todo():
                 rows = answer_records(self._model, self._tokenizer, batch, self._pause,
                                       prompt_style=self._prompt_style, stop_ids=self._stop_ids, probe=self._probe,
-                                      max_new_tokens=self._settings["max_new_tokens"], prompts=self._prompts)
+                                      max_new_tokens=self._settings["max_new_tokens"], prompts=self._prompts,
+                                      abstention=(self._abstention["rule"], self._abstention["threshold"])
+                                      if self._abstention else None, yes_no_probe=self._yes_no_probe)
                 output.append(out, rows)
                 answered += len(rows)
                 pbar.update(len(rows))
@@ -164,12 +196,28 @@ class BlahEvalRecipe:
 
     def _write_results(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         out = self._output_dir
+        abstention = self._abstention
+        if self._calibrate:
+            rows, abstention = self._write_calibration(rows)
         metrics = {
             "stage": self._stage, "run_dir": self._settings["run_dir"], "prompt_style": self._prompt_style,
             "num_pause_tokens": self._pause.num if self._pause else 0,
+            "abstention": abstention or {"rule": "greedy", "threshold": None, "source": "the article's rule"},
             "seed": seed_metrics(rows),
+            # best_exact / best_f1 (+ _thresh): the official script's, thresholds chosen on these very
+            # questions, an oracle, never the result.
             "official": {**official_metrics(rows), **official_best_thresholds(rows)},
+            "summary": summary_statistics(rows),
         }
+        if abstention is not None:
+            no_answer = [not r["has_answer"] for r in rows]
+            metrics["auroc_by_score"] = {rule: auroc([r["abstain_scores"][rule] for r in rows], no_answer)
+                                         for rule in rows[0]["abstain_scores"]} if rows else {}
+            if rows and all(r.get("greedy_answer") is not None for r in rows):
+                greedy = apply_rule(rows, "p_abstain", None)
+                # What greedy decoding answers, read off the same pass ("?" where it was the argmax).
+                metrics["greedy_same_pass"] = {"seed": seed_metrics(greedy), "official": official_metrics(greedy),
+                                               "summary": summary_statistics(greedy)}
         atomic_json(metrics, os.path.join(out, "metrics.json"))
         atomic_json({r["id"]: r["prediction"] for r in rows}, os.path.join(out, "predictions.json"))
         atomic_json({r["id"]: r["na_prob"] for r in rows}, os.path.join(out, "na_probs.json"))
@@ -177,12 +225,44 @@ class BlahEvalRecipe:
         # exactly this set (it expects a prediction for every question of its data file).
         atomic_json(official_data(self._records), os.path.join(out, "eval_data.json"))
         name = self._cfg.get("model_name") or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
-        atomic_text(results_row(name, metrics["seed"]), os.path.join(out, "results.md"))
+        atomic_text(results_row(name, metrics["seed"], metrics["summary"], metrics["official"]),
+                    os.path.join(out, "results.md"))
+        self._write_plots(rows, name)
         records = {r.id: r for r in self._records}
         queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"))
         atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics
+
+    def _write_calibration(self, rows: List[Dict[str, Any]]):
+        """Choose the rule and threshold on these questions; write calibration.json here and with
+        the run; return the rows decided by it."""
+        chosen = calibrate(rows, self._calibrate_metric)
+        run_dir = self._cfg.get("run_dir")
+        data = self._cfg.dataset
+        chosen.update(prompt_style=self._prompt_style,
+                      fingerprint=run_fingerprint(self._run_cfg, str(run_dir or ""), self._stage),
+                      validation={"source": str(data.get("source")), "split": str(data.get("split", "validation")),
+                                  "articles": sorted({r.title for r in self._records if r.title})},
+                      eval_dir=self._output_dir)
+        atomic_json(chosen, os.path.join(self._output_dir, "calibration.json"))
+        if run_dir:
+            path = calibration_path(str(run_dir), self._stage)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_json(chosen, path)
+            log.info(f"calibration: {chosen['rule']} > {chosen['threshold']:.4f} abstains; written to {path}")
+        decided = apply_rule(rows, chosen["rule"], chosen["threshold"])
+        atomic_text(jsonl(decided), os.path.join(self._output_dir, "predictions.jsonl"))
+        return decided, {"rule": chosen["rule"], "threshold": chosen["threshold"],
+                         "source": "calibrate (chosen on these questions)"}
+
+    def _write_plots(self, rows: List[Dict[str, Any]], name: str) -> None:
+        from torchtune_blah.eval.plots import write_plots
+
+        try:
+            write_plots(rows, self._output_dir, f"{name}: {len(rows)} questions")
+        except ImportError:
+            log.info("no plots: matplotlib is not installed (pip install 'torchtune-blah[plots]')")
 
 
 def _init_distributed(device: str) -> Tuple[int, int]:

@@ -5,7 +5,8 @@
 #   tune run blah_generate --config blah_generate run_dir=... questions=questions.jsonl
 #
 # The same model, prompts, pause tokens, stop rule and abstention probability as blah_eval
-# (torchtune_blah.eval.run), without gold answers. Rows are appended to
+# (torchtune_blah.eval.run), without gold answers; abstain_threshold=calibrated (or a number) uses
+# the calibrated rule of torchtune_blah.eval.abstention. Rows are appended to
 # output_dir/generations.jsonl one finished batch at a time; a rerun resumes
 # (torchtune_blah.resumable).
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from torchtune_blah.chat_format import chat_format
 from torchtune_blah.checkpointing import atomic_json
 from torchtune_blah.data.squad import ANSWER_PREFIX, SquadRecord, load_questions_jsonl, question_id
+from torchtune_blah.eval.abstention import abstention_from_config
 from torchtune_blah.eval.metrics import official_prediction
 from torchtune_blah.eval.run import EXPLAIN_PROMPT, abstention_probe, explain_replies, generate_replies, run_prompts
 from torchtune_blah.generation import stop_token_ids
@@ -70,6 +72,7 @@ class BlahGenerateRecipe:
         self._dtype = training.get_dtype(cfg.get("dtype") or self._run_cfg.get("dtype", "fp32"), device=self._device)
         self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))
         self._records = _questions(cfg)
+        self._abstention = abstention_from_config(cfg, self._run_cfg, self._run_dir, self._stage, self._prompt_style)
         one_question = cfg.get("questions") is None
         self._stream = bool(one_question if cfg.get("stream") is None else cfg.stream)
         self._batch_size = 1 if self._stream else int(cfg.get("batch_size", 8))
@@ -80,6 +83,8 @@ class BlahGenerateRecipe:
             "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
             "max_explain_tokens": int(cfg.get("max_explain_tokens", 256)),
         }
+        if self._abstention is not None:  # (absent for greedy, so older outputs still resume)
+            self._settings["abstention"] = self._abstention
 
     def setup(self) -> None:
         os.makedirs(self._output_dir, exist_ok=True)
@@ -93,6 +98,8 @@ class BlahGenerateRecipe:
             staging_dir=os.path.join(self._output_dir, ".checkpointer"), quantize_base=self._cfg.get("quantize_base"))
         self._stop_ids = stop_token_ids(self._tokenizer)
         self._probe = abstention_probe(self._tokenizer)
+        self._yes_no_probe = abstention_probe(self._tokenizer, "no", "yes") \
+            if self._prompt_style == "multi_turn" else None
 
     def _answer(self, batch: List[SquadRecord]) -> List[Dict[str, Any]]:
         settings = self._settings
@@ -101,7 +108,9 @@ class BlahGenerateRecipe:
         replies = generate_replies(self._model, self._tokenizer, batch, self._pause, prompt_style=self._prompt_style,
                                    stop_ids=self._stop_ids, probe=self._probe,
                                    max_new_tokens=settings["max_new_tokens"], prompts=self._prompts,
-                                   on_token=_Streamer(self._fmt) if self._stream else None)
+                                   on_token=_Streamer(self._fmt) if self._stream else None,
+                                   abstention=(self._abstention["rule"], self._abstention["threshold"])
+                                   if self._abstention else None, yes_no_probe=self._yes_no_probe)
         explanations = [None] * len(batch)
         if settings["explain"]:
             if self._stream:
@@ -117,6 +126,8 @@ class BlahGenerateRecipe:
                    "raw_output": reply.text, "run_dir": self._run_dir, "stage": self._stage}
             if reply.first_turn is not None:
                 row["first_turn_output"] = reply.first_turn
+            if reply.scores is not None:  # the threshold rule: the span it would give, and every score
+                row.update(span_answer=reply.span_answer, abstain_scores=reply.scores)
             if explanation is not None:
                 row["explanation"] = explanation
             rows.append(row)

@@ -75,7 +75,7 @@ def _rows():
     rows = []
     for i, (golds, answer) in enumerate(cases):
         rows.append({"id": str(i), "has_answer": bool(golds), "prediction": official_prediction(answer),
-                     **score_example(golds, answer)})
+                     "gold_answers": golds, "model_answer": answer, **score_example(golds, answer)})
     return rows
 
 
@@ -111,13 +111,23 @@ def test_best_threshold_by_hand():
 
 
 def test_always_abstain_baseline_and_comparison_table():
-    from torchtune_blah.eval.report import always_abstain, comparison_table
+    from torchtune_blah.eval.report import always_abstain_rows, comparison_table
 
-    seed = {"pct_valid_json": 90.0, "pct_exact_match": 40.0, "pct_exact_match_among_valid_json": 44.44,
-            "pct_correct_no_answer": 50.0, "pct_correct_has_answer": 30.0}
-    metrics = {"seed": seed, "official": {"exact": 41.0, "f1": 45.5, "total": 8, "NoAns_total": 3}}
-    baseline = always_abstain(metrics)
-    assert baseline["seed"]["pct_exact_match"] == 37.5 and baseline["official"]["f1"] == 37.5
-    table = comparison_table([("trained", metrics)]).splitlines()
-    assert table[2] == "| trained | 90.00 | 40.00 | 44.44 | 50.00 | 30.00 | 41.00 | 45.50 | 8 |"
-    assert table[3] == '| always "?" (baseline) | 100.00 | 37.50 | 37.50 | 100.00 | 0.00 | 37.50 | 37.50 | 8 |'
+    rows = _rows()
+    for row, p in zip(rows, [0.1, 0.2, 0.3, 0.9, 0.8, 0.7]):
+        row["na_prob"] = p
+    baseline = always_abstain_rows(rows)
+    no_answer = sum(not r["has_answer"] for r in rows)
+    assert sum(r["official_exact"] for r in baseline) == no_answer
+    assert all(r["model_answer"] == "?" and r["prediction"] == "" for r in baseline)
+    table = comparison_table([("trained", rows)]).splitlines()
+    assert table[0].startswith("| Model | % Valid JSON | % Exact Match | % Correct No Answer |")
+    pct = 100 * no_answer / len(rows)
+    assert table[3].startswith(f'| always "?" (baseline) | 100.00 | {pct:.2f} | 100.00 | 0.00 | {pct:.2f} [')
+    # the baseline's constant na_prob ranks nothing
+    assert "| 100.0 | 0.500 [" in table[3]
+    # paired differences: the trained row against the baseline, with an interval
+    trained_exact = 100 * sum(r["official_exact"] for r in rows) / len(rows)
+    diff_line = next(line for line in table if line.startswith("| trained |") and "[" in line and "vs" not in line
+                     and line.count("|") == 4)
+    assert diff_line.split("|")[2].strip().startswith(f"{trained_exact - pct:+.2f} [")

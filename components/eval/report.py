@@ -2,6 +2,9 @@
 
 from typing import Any, Dict, List, Mapping, Optional
 
+from torchtune_blah.data.squad import NO_ANSWER
+from torchtune_blah.eval.metrics import official_metrics, score_example, seed_metrics
+
 SEED_COLUMNS = [
     ("pct_valid_json", "% Valid JSON"),
     ("pct_exact_match", "% Exact Match"),
@@ -11,22 +14,67 @@ SEED_COLUMNS = [
 ]
 
 
-def results_row(name: str, seed: Mapping[str, float]) -> str:
-    """Header and one row in the layout of the seed's results table (markdown)."""
+def _interval(summary: Mapping[str, Any], key: str) -> str:
+    low, high = summary["ci95"].get(key, (float("nan"), float("nan")))
+    return f"[{low:.1f}, {high:.1f}]"
+
+
+def _auroc(summary: Mapping[str, Any]) -> str:
+    value = summary.get("auroc_na_prob")
+    if value is None:
+        return "n/a"
+    low, high = summary["ci95"]["auroc_na_prob"]
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+
+TRUST_COLUMNS = ("Official EM [95% CI]", "Official F1", "% Abstained", "AUROC of na_prob [95% CI]")
+
+
+def trust_cells(summary: Mapping[str, Any], official: Mapping[str, Any]) -> List[str]:
+    return [f"{official['exact']:.2f} {_interval(summary, 'official_exact')}", f"{official['f1']:.2f}",
+            f"{summary['pct_abstained']:.1f}", _auroc(summary)]
+
+
+def results_row(name: str, seed: Mapping[str, float], summary: Optional[Mapping[str, Any]] = None,
+                official: Optional[Mapping[str, Any]] = None) -> str:
+    """Header and one row in the layout of the seed's results table (markdown), then, given the
+    summary statistics, the official EM with its interval, the abstention rate and the AUROC."""
     header = "| Model | " + " | ".join(title for _, title in SEED_COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(SEED_COLUMNS)
     row = f"| {name} | " + " | ".join(f"{seed[key]:.2f}" for key, _ in SEED_COLUMNS) + " |"
-    return "\n".join([header, rule, row]) + "\n"
+    lines = [header, rule, row]
+    if summary is not None and official is not None:
+        lines += ["", "| Model | " + " | ".join(TRUST_COLUMNS) + " |", "|---|" + "---:|" * len(TRUST_COLUMNS),
+                  f"| {name} | " + " | ".join(trust_cells(summary, official)) + " |"]
+    return "\n".join(lines) + "\n"
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
     lines = [f"SQuAD 2.0 evaluation: stage {metrics['stage']}, {metrics['official']['total']} questions, "
-             f"{metrics['num_pause_tokens']} pause tokens, {metrics['prompt_style']}",
-             "  the seed's metrics:"]
+             f"{metrics['num_pause_tokens']} pause tokens, {metrics['prompt_style']}"]
+    rule = metrics.get("abstention")
+    if rule:
+        lines.append("  abstention: " + ("greedy (the article's rule)" if rule["threshold"] is None else
+                                         f"abstain when {rule['rule']} > {rule['threshold']:.4f} ({rule['source']})"))
+    lines.append("  the seed's metrics:")
     lines += [f"    {title:<28} {metrics['seed'][key]:7.2f}" for key, title in SEED_COLUMNS]
     lines.append("  official SQuAD 2.0 metrics:")
+    lines.append("    (best_*: the official script's thresholds, chosen on these very questions: an oracle)")
     for key, value in metrics["official"].items():
         lines.append(f"    {key:<28} {value:7.2f}" if isinstance(value, float) else f"    {key:<28} {value:7d}")
+    summary = metrics.get("summary")
+    if summary:
+        lines.append("  abstention and intervals:")
+        lines.append(f"    {'% abstained':<28} {summary['pct_abstained']:7.2f}")
+        lines.append(f"    {'AUROC of na_prob':<28} {_auroc(summary)}")
+        lines.append(f"    {'official EM 95% CI':<28} {_interval(summary, 'official_exact')}")
+        lines.append(f"    {'official F1 95% CI':<28} {_interval(summary, 'official_f1')}")
+    for score, value in (metrics.get("auroc_by_score") or {}).items():
+        lines.append(f"    {'AUROC of ' + score:<28} {value:7.3f}" if value is not None else f"    AUROC of {score}: n/a")
+    greedy = metrics.get("greedy_same_pass")
+    if greedy:
+        lines.append(f"  greedy answers of the same pass: official EM {greedy['official']['exact']:.2f}, "
+                     f"{greedy['summary']['pct_abstained']:.1f}% abstained")
     return "\n".join(lines)
 
 
@@ -70,28 +118,46 @@ def official_data(records) -> Dict[str, Any]:
         for r in records]}]}
 
 
-def always_abstain(metrics: Mapping[str, Any]) -> Dict[str, Any]:
-    """The scores of a model that answers "?" to every question of the same evaluation: the
-    baseline any abstention-heavy model must be read against."""
-    official = metrics["official"]
-    pct = 100.0 * official["NoAns_total"] / official["total"] if official["total"] else 0.0
-    seed = {"pct_valid_json": 100.0, "pct_exact_match": pct, "pct_exact_match_among_valid_json": pct,
-            "pct_correct_no_answer": 100.0, "pct_correct_has_answer": 0.0}
-    return {"seed": seed, "official": {"exact": pct, "f1": pct, "total": official["total"]}}
+def always_abstain_rows(rows: List[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows of a model that answers "?" to every question of the same evaluation: the
+    baseline any abstention-heavy model must be read against (its na_prob is constant)."""
+    return [{**r, "model_answer": NO_ANSWER, "raw_output": "", "prediction": "", "na_prob": 1.0,
+             **score_example(r["gold_answers"], NO_ANSWER)} for r in rows]
 
 
-def comparison_table(named_metrics: List[tuple]) -> str:
-    """Markdown: one row per ``(name, metrics.json content)`` in the seed's layout, plus the
-    official exact/F1, the number of questions, and the always-"?" baseline of the first."""
-    header = ("| Model | " + " | ".join(title for _, title in SEED_COLUMNS)
-              + " | Official EM | Official F1 | Questions |")
-    rule = "|---|" + "---:|" * (len(SEED_COLUMNS) + 3)
-    lines = [header, rule]
-    rows = list(named_metrics)
-    if rows:
-        rows.append(('always "?" (baseline)', always_abstain(rows[0][1])))
-    for name, m in rows:
-        cells = [f"{m['seed'][key]:.2f}" for key, _ in SEED_COLUMNS]
-        cells += [f"{m['official']['exact']:.2f}", f"{m['official']['f1']:.2f}", str(m["official"]["total"])]
+BASELINE_NAME = 'always "?" (baseline)'
+
+
+def comparison_table(named_rows: List[tuple]) -> str:
+    """Markdown: one row per ``(name, predictions.jsonl rows)`` of the same questions, in the
+    article's layout plus the official EM with its 95% interval, F1, the abstention rate and the
+    AUROC of na_prob; the always-"?" baseline; then the paired differences in official EM
+    (same questions resampled together) against the baseline and against the first row."""
+    from torchtune_blah.eval.stats import paired_difference, summary_statistics
+
+    named = list(named_rows)
+    if not named:
+        return ""
+    named.append((BASELINE_NAME, always_abstain_rows(named[0][1])))
+    header = ("| Model | " + " | ".join(title for _, title in SEED_COLUMNS if "valid JSON)" not in title)
+              + " | " + " | ".join(TRUST_COLUMNS) + " | Questions |")
+    seed_keys = [key for key, title in SEED_COLUMNS if "valid JSON)" not in title]
+    lines = [header, "|---|" + "---:|" * (len(seed_keys) + len(TRUST_COLUMNS) + 1)]
+    for name, rows in named:
+        seed, official, summary = seed_metrics(rows), official_metrics(rows), summary_statistics(rows)
+        cells = [f"{seed[key]:.2f}" for key in seed_keys] + trust_cells(summary, official) + [str(len(rows))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    exact = {name: [100.0 * float(r["official_exact"]) for r in rows] for name, rows in named}
+    first = named[0][0]
+    lines += ["", f"Paired differences in official EM, points [95% CI], same {len(named[0][1])} questions:", "",
+              f"| Model | vs always \"?\" | vs {first} |", "|---|---:|---:|"]
+    for name, _ in named[:-1]:
+        cells = []
+        for other in (BASELINE_NAME, first):
+            if other == name:
+                cells.append("")
+                continue
+            d = paired_difference(exact[other], exact[name])
+            cells.append(f"{d['difference']:+.2f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -6,6 +6,11 @@ JSON block, and the model's probability of abstaining read where the answer
 value starts. The two-turn style asks the yes/no question first and feeds the
 model's reply back (as the JSON block of its parsed answer, the form it was
 trained on; the raw reply when it did not parse).
+
+With ``abstention=(rule, threshold)`` (``torchtune_blah.eval.abstention``) the
+abstention token is masked where the value starts, so every question gets its
+best span, and the rule decides between that span and ``"?"``; in the two-turn
+style the span turn is then asked after a "yes".
 """
 
 from dataclasses import dataclass
@@ -50,12 +55,13 @@ class AbstentionProbe:
         return len(self.scaffold)
 
 
-def abstention_probe(tokenizer: Any) -> AbstentionProbe:
+def abstention_probe(tokenizer: Any, value: str = NO_ANSWER, other: str = "Normandy") -> AbstentionProbe:
     """Find the value position by tokenizing an abstention and an answer block and
-    taking their first difference (BPE may fuse the quote with the value)."""
+    taking their first difference (BPE may fuse the quote with the value).
+    ``value="no", other="yes"``: the two-turn style's first reply."""
     encode = chat_format(tokenizer).encode
     forced = encode(ANSWER_PREFIX)
-    abstain, answer = encode(answer_block(NO_ANSWER)), encode(answer_block("Normandy"))
+    abstain, answer = encode(answer_block(value)), encode(answer_block(other))
     if abstain[: len(forced)] != forced or answer[: len(forced)] != forced:
         raise ValueError("this tokenizer merges the forced prefix '\\n```json' with what follows it; the seed's "
                          "forced-prefix protocol needs it to be a token prefix of every reply")
@@ -74,10 +80,11 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
     return float(torch.softmax(logits, dim=-1)[0, probe.token])
 
 
-def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache, on_token=None):
+def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache, on_token=None,
+              mask=False):
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
                            pause=pause, use_cache=use_cache,
-                           probe=(probe.step, probe.token), on_token=on_token)
+                           probe=(probe.step, probe.token), probe_mask=mask, on_token=on_token)
     fmt = chat_format(tokenizer)
     replies = []
     for prompt, gen in zip(prompts, gens):
@@ -86,7 +93,7 @@ def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe,
         prob = gen.probe_prob
         if tuple(gen.tokens[: probe.step]) != probe.scaffold:  # it left the scaffold: ask directly
             prob = _abstention_prob_forced(model, list(prompt), probe, pause)
-        replies.append((text, prob))
+        replies.append((text, prob, gen))
     return replies
 
 
@@ -98,6 +105,11 @@ class Reply:
     na_prob: float  # P(abstention token) where the answer value starts
     answer: Optional[str]  # parsed from the JSON block; None when it does not parse
     first_turn: Optional[str] = None  # multi_turn: the reply to the yes/no question
+    # With a threshold rule (abstention given): the best non-abstention span, every score, and
+    # (single turn) what greedy decoding would have answered.
+    span_answer: Optional[str] = None
+    scores: Optional[Dict[str, float]] = None
+    greedy_answer: Optional[str] = None
 
 
 def generate_replies(
@@ -113,24 +125,50 @@ def generate_replies(
     use_cache: bool = True,
     prompts: Optional[Dict[str, Any]] = None,
     on_token: Optional[Callable[[int, int], None]] = None,
+    abstention: Optional[Tuple[str, float]] = None,
+    yes_no_probe: Optional[AbstentionProbe] = None,
 ) -> List[Reply]:
     """Answer ``records`` (one batch; gold answers are not needed). ``on_token(row, id)``
-    sees every generated token (of the last turn, in multi_turn)."""
+    sees every generated token (of the last turn, in multi_turn). ``abstention=(rule,
+    threshold)``: the threshold rule (module docstring); None: greedy, the article's rule.
+    ``yes_no_probe`` (multi_turn): where P("no") of the first reply is read."""
+    from torchtune_blah.eval.abstention import abstention_scores, decide
+
     prompts = prompts or {}
     pause = pause if pause is not None and pause.num else None  # zero pause tokens: nothing to insert or mask
     pause_ids = pause.sequence if pause is not None else []
+    masked = abstention is not None
     first = [answer_prompt(tokenizer, r, pause_ids, prompt_style, **prompts) for r in records]
-    replies = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, probe, use_cache,
-                        on_token if prompt_style == "single_turn" else None)
-    first_turn = [None] * len(records)
+    first_turn, p_no = [None] * len(records), [None] * len(records)
     if prompt_style == "multi_turn":
-        first_turn = [reply for reply, _ in replies]
-        fed_back = [answer_block(a) if (a := extract_answer(t)) is not None else t for t in first_turn]
-        second = [answer_prompt(tokenizer, r, pause_ids, prompt_style, first_reply=f, **prompts)
-                  for r, f in zip(records, fed_back)]
-        replies = _generate(model, tokenizer, second, pause, stop_ids, max_new_tokens, probe, use_cache, on_token)
-    return [Reply(text=text, na_prob=prob, answer=extract_answer(text), first_turn=turn1)
-            for (text, prob), turn1 in zip(replies, first_turn)]
+        turn1 = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, yes_no_probe or probe, use_cache)
+        first_turn = [text for text, _, _ in turn1]
+        if yes_no_probe is not None:
+            p_no = [prob for _, prob, _ in turn1]
+        # Greedy: the model's own first reply goes back. The threshold rule asks for the span
+        # after a "yes" (the rule, not the first reply, decides whether to abstain).
+        fed_back = [answer_block("yes") if masked else answer_block(a) if (a := extract_answer(t)) is not None else t
+                    for t in first_turn]
+        prompts_last = [answer_prompt(tokenizer, r, pause_ids, prompt_style, first_reply=f, **prompts)
+                        for r, f in zip(records, fed_back)]
+    else:
+        prompts_last = first
+    replies = _generate(model, tokenizer, prompts_last, pause, stop_ids, max_new_tokens, probe, use_cache, on_token,
+                        mask=masked)
+    out = []
+    for (text, prob, gen), turn1, no in zip(replies, first_turn, p_no):
+        answer = extract_answer(text)
+        if not masked:
+            out.append(Reply(text=text, na_prob=prob, answer=answer, first_turn=turn1))
+            continue
+        rule, threshold = abstention
+        scores = abstention_scores(prob, gen.span_logprob, no)
+        greedy = None
+        if prompt_style == "single_turn":  # masking changed nothing unless "?" was the greedy choice
+            greedy = NO_ANSWER if gen.probe_argmax else answer
+        out.append(Reply(text=text, na_prob=scores[rule], answer=decide(answer, scores[rule], threshold),
+                         first_turn=turn1, span_answer=answer, scores=scores, greedy_answer=greedy))
+    return out
 
 
 def answer_records(
@@ -152,6 +190,8 @@ def answer_records(
         }
         if reply.first_turn is not None:
             row["first_turn_output"] = reply.first_turn
+        if reply.scores is not None:
+            row.update(span_answer=reply.span_answer, abstain_scores=reply.scores, greedy_answer=reply.greedy_answer)
         rows.append(row)
     return rows
 

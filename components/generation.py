@@ -16,7 +16,7 @@ span's own probability, for the null-score rule of calibrated abstention).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ def greedy_generate(
     max_new_tokens: int,
     pause: Optional[PauseTokens] = None,
     use_cache: bool = True,
-    probe: Optional[Tuple[int, int]] = None,
+    probe: Optional[Tuple[int, Union[int, Tuple[int, ...]]]] = None,
     probe_mask: bool = False,
     on_token: Optional[Callable[[int, int], None]] = None,
 ) -> List[Generation]:
@@ -62,9 +62,10 @@ def greedy_generate(
 
     ``use_cache=False`` recomputes the whole sequence at each step, one prompt at a
     time (the seed's way; kept for the benchmark and for checking the cache).
-    ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step``;
-    ``probe_mask=True`` also forbids ``token_id`` there and sums the log-probabilities
-    (under the unmasked distribution) of the tokens written from ``step`` on.
+    ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step`` (a
+    tuple of ids: their summed probability); ``probe_mask=True`` also forbids those ids there
+    and sums the log-probabilities (under the unmasked distribution) of the tokens written
+    from ``step`` on.
     ``on_token(row, token_id)`` is called for every generated token as it comes (streaming).
     """
     if not use_cache:
@@ -117,13 +118,16 @@ def _pick(logits, pause, step, probe, probe_mask, out, done):
     log_probs = None
     if probe is not None and step == probe[0]:
         argmax = logits.argmax(dim=-1)
-        for row, p in enumerate(torch.softmax(logits, dim=-1)[:, probe[1]].tolist()):
+        ids = [probe[1]] if isinstance(probe[1], int) else list(probe[1])
+        probs = torch.softmax(logits, dim=-1)
+        probs = probs[:, ids[0]] if len(ids) == 1 else probs[:, ids].sum(dim=-1)
+        for row, p in enumerate(probs.tolist()):
             if not bool(done[row]):
                 out[row].probe_prob = p
-                out[row].probe_argmax = int(argmax[row]) == probe[1]
+                out[row].probe_argmax = int(argmax[row]) in ids
         if probe_mask:  # the span's probabilities are the unmasked model's
             log_probs = torch.log_softmax(logits, dim=-1)
-            logits[:, probe[1]] = float("-inf")
+            logits[:, ids] = float("-inf")
     next_ids = logits.argmax(dim=-1)
     if probe_mask and probe is not None and step >= probe[0]:
         if log_probs is None:

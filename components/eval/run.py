@@ -49,6 +49,9 @@ class AbstentionProbe:
 
     scaffold: Tuple[int, ...]  # the JSON tokens before the value: '\n{\n  "answer": ' (tokenized)
     token: int
+    # Every token that starts the value the way the abstention does ('?"', but also a lone '?'
+    # that a '"' would follow): what the threshold rule masks, and whose probabilities it sums.
+    abstain_ids: Tuple[int, ...] = ()
 
     @property
     def step(self) -> int:
@@ -66,25 +69,36 @@ def abstention_probe(tokenizer: Any, value: str = NO_ANSWER, other: str = "Norma
         raise ValueError("this tokenizer merges the forced prefix '\\n```json' with what follows it; the seed's "
                          "forced-prefix protocol needs it to be a token prefix of every reply")
     k = next(i for i, (a, b) in enumerate(zip(abstain, answer)) if a != b)
-    return AbstentionProbe(scaffold=tuple(abstain[len(forced):k]), token=abstain[k])
+    fmt = chat_format(tokenizer)
+    first, rest = fmt.decode([abstain[k]]), fmt.decode(abstain[k:])
+    same_start = tuple(i for i, text in enumerate(fmt.token_texts())
+                       if text and (rest.startswith(text) or text.startswith(first)))
+    return AbstentionProbe(scaffold=tuple(abstain[len(forced):k]), token=abstain[k],
+                           abstain_ids=tuple(sorted(set(same_start) | {abstain[k]})))
 
 
 @torch.inference_mode()
 def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: AbstentionProbe,
-                            pause: Optional[PauseTokens]) -> float:
-    """P(abstention token) with the JSON scaffold written for the model (it wrote something else)."""
+                            pause: Optional[PauseTokens], summed: bool = False) -> float:
+    """P(abstention token) with the JSON scaffold written for the model (it wrote something else);
+    ``summed``: P(any token that starts the abstention), as the threshold rule reads it."""
     device = next(model.parameters()).device
     logits = last_logits(model(torch.tensor([prompt + list(probe.scaffold)], device=device))).float()
     if pause is not None:
         mask_pause_logits(logits, pause)
-    return float(torch.softmax(logits, dim=-1)[0, probe.token])
+    probs = torch.softmax(logits, dim=-1)[0]
+    if summed and probe.abstain_ids:
+        return float(probs[list(probe.abstain_ids)].sum())
+    return float(probs[probe.token])
 
 
 def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache, on_token=None,
               mask=False):
+    # Greedy reads P(the abstention token); the threshold rule P(any token that starts "?"), all masked.
+    probe_ids = probe.abstain_ids if mask and probe.abstain_ids else probe.token
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
                            pause=pause, use_cache=use_cache,
-                           probe=(probe.step, probe.token), probe_mask=mask, on_token=on_token)
+                           probe=(probe.step, probe_ids), probe_mask=mask, on_token=on_token)
     fmt = chat_format(tokenizer)
     replies = []
     for prompt, gen in zip(prompts, gens):
@@ -92,7 +106,7 @@ def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe,
         text = ANSWER_PREFIX + fmt.decode(ids)
         prob = gen.probe_prob
         if tuple(gen.tokens[: probe.step]) != probe.scaffold:  # it left the scaffold: ask directly
-            prob = _abstention_prob_forced(model, list(prompt), probe, pause)
+            prob = _abstention_prob_forced(model, list(prompt), probe, pause, summed=mask)
         replies.append((text, prob, gen))
     return replies
 

@@ -213,7 +213,7 @@ class BlahEvalRecipe:
             no_answer = [not r["has_answer"] for r in rows]
             metrics["auroc_by_score"] = {rule: auroc([r["abstain_scores"][rule] for r in rows], no_answer)
                                          for rule in rows[0]["abstain_scores"]} if rows else {}
-            if rows and all(r.get("greedy_answer") is not None for r in rows):
+            if rows and all("greedy_answer" in r for r in rows):
                 greedy = apply_rule(rows, "p_abstain", None)
                 # What greedy decoding answers, read off the same pass ("?" where it was the argmax).
                 metrics["greedy_same_pass"] = {"seed": seed_metrics(greedy), "official": official_metrics(greedy),
@@ -229,7 +229,8 @@ class BlahEvalRecipe:
                     os.path.join(out, "results.md"))
         self._write_plots(rows, name)
         records = {r.id: r for r in self._records}
-        queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"))
+        threshold = abstention["threshold"] if abstention else 0.5
+        queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"), threshold=threshold)
         atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics

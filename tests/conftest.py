@@ -103,3 +103,19 @@ def trained_run(tmp_path_factory, tiny_base):
     recipe.train()
     recipe.cleanup()
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    """(model, pause tokens, tokenizer) of the trained demo run's lora stage, fp32."""
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    from torchtune_blah.model import load_run_model
+
+    run_cfg = OmegaConf.load(os.path.join(trained_run, "blah_config.yaml"))
+    tokenizer = config.instantiate(run_cfg.tokenizer)
+    model, pause = load_run_model(run_cfg, trained_run, "lora", torch.device("cpu"), torch.float32,
+                                  staging_dir=os.path.join(trained_run, ".stage_test"))
+    return model, pause, tokenizer

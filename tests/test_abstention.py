@@ -6,9 +6,7 @@ import random
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
-from torchtune import config
 
 from torchtune_blah.data.squad import POOL_VALIDATION_ARTICLES, load_squad_records
 from torchtune_blah.eval.abstention import (abstention_from_config, abstention_scores, apply_rule, best_threshold,
@@ -16,7 +14,6 @@ from torchtune_blah.eval.abstention import (abstention_from_config, abstention_s
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.eval.stats import auroc, bootstrap_auroc_ci, bootstrap_ci, paired_difference
 from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -182,15 +179,6 @@ def test_p_no_needs_the_two_turn_style():
 # ----------------------------------------------------------------------------- on a trained tiny model
 
 
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    run_cfg = OmegaConf.load(os.path.join(trained_run, "blah_config.yaml"))
-    tokenizer = config.instantiate(run_cfg.tokenizer)
-    model, pause = load_run_model(run_cfg, trained_run, "lora", torch.device("cpu"), torch.float32,
-                                  staging_dir=os.path.join(trained_run, ".stage_abstention"))
-    return model, pause, tokenizer
-
-
 def _answer(loaded, records, **kwargs):
     model, pause, tokenizer = loaded
     return answer_records(model, tokenizer, records, pause, prompt_style="single_turn",
@@ -328,3 +316,18 @@ def _assert_not_blank(path):
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 10  # lines, bars and text, not one flat colour
     assert (image < 128).mean() > 0.005
+
+
+def test_two_turn_threshold_rule_reads_p_no_and_asks_for_the_span_after_a_yes(loaded):
+    model, pause, tokenizer = loaded
+    records = load_squad_records("bundled_sample")[::40][:8]
+    yes_no = abstention_probe(tokenizer, "no", "yes")
+    rows = answer_records(model, tokenizer, records, pause, prompt_style="multi_turn",
+                          stop_ids=stop_token_ids(tokenizer), probe=abstention_probe(tokenizer), max_new_tokens=40,
+                          abstention=("p_no", 0.5), yes_no_probe=yes_no)
+    for r in rows:
+        assert set(r["abstain_scores"]) == {"p_abstain", "abstain_vs_span", "p_no"}
+        assert r["na_prob"] == r["abstain_scores"]["p_no"]
+        assert r["model_answer"] == ("?" if r["na_prob"] > 0.5 else r["span_answer"])
+        assert "greedy_answer" not in r  # the greedy path feeds its own first reply back: not this pass
+        assert r["span_answer"] != "?"

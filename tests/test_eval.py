@@ -6,16 +6,13 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from omegaconf import OmegaConf
-from torchtune import config
 
 from conftest import REPO
 from torchtune_blah.data import load_squad_records, squad_chat_dataset
 from torchtune_blah.eval.metrics import official_metrics, score_example
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import greedy_generate, stop_token_ids
-from torchtune_blah.model import load_run_model
 from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
 
 TUNE = shutil.which("tune")
@@ -26,15 +23,6 @@ def _eval_cfg(run_dir, output_dir, **extra):
     overrides = {"run_dir": run_dir, "output_dir": str(output_dir), "dataset.max_examples": 20, "batch_size": 4,
                  **extra}
     return OmegaConf.merge(OmegaConf.load(EVAL_CONFIG), OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
-
-
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    run_cfg = OmegaConf.load(os.path.join(trained_run, "blah_config.yaml"))
-    tokenizer = config.instantiate(run_cfg.tokenizer)
-    model, pause = load_run_model(run_cfg, trained_run, "lora", torch.device("cpu"), torch.float32,
-                                  staging_dir=os.path.join(trained_run, ".stage_test"))
-    return model, pause, tokenizer
 
 
 def test_stop_rule_and_batching_match_one_at_a_time_decoding(loaded):

@@ -132,3 +132,22 @@ def test_bad_questions_fail_before_the_model_loads(trained_run, tmp_path, monkey
     with pytest.raises(ValueError, match="stage=middle|stage must be one of"):
         BlahGenerateRecipe(_cfg(trained_run, tmp_path / "o", question="Where?", context="Here.", stage="middle"))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_threshold_rule_decides_like_blah_eval(trained_run, questions, tmp_path):
+    """abstain_threshold in blah_generate: the same spans, scores and decisions as blah_eval's."""
+    path, _ = questions
+    rows = _generate(_cfg(trained_run, tmp_path / "gen", questions=path, abstain_threshold=0.4))
+    eval_cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "configs", "demo_cpu_blah_eval.yaml")),
+                               OmegaConf.from_dotlist([f"run_dir={trained_run}", f"output_dir={tmp_path / 'eval'}",
+                                                       "dataset.max_examples=20", "dataset.shuffle_seed=null",
+                                                       "batch_size=4", "abstain_threshold=0.4"]))
+    evaluation = BlahEvalRecipe(eval_cfg)
+    evaluation.setup()
+    evaluation.evaluate()
+    evaluated = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [r["model_answer"] for r in evaluated]
+    assert [r["span_answer"] for r in rows] == [r["span_answer"] for r in evaluated]
+    assert all(r["answer"] == ("?" if r["na_prob"] > 0.4 else r["span_answer"]) for r in rows)
+    with pytest.raises(ValueError, match="abstain_threshold"):
+        BlahGenerateRecipe(_cfg(trained_run, tmp_path / "bad", questions=path, abstain_threshold=2))

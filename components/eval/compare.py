@@ -28,7 +28,7 @@ def load_rows(args: Sequence[str]) -> List[tuple]:
             raise SystemExit(f"{folder}: no metrics.json / predictions.jsonl; give finished blah_eval output folders")
         rows = [dict(row) for _, row in read_jsonl_objects(path)]
         if variant == "greedy":
-            if not all(r.get("greedy_answer") is not None for r in rows):
+            if not all("greedy_answer" in r for r in rows):
                 raise SystemExit(f"{folder}@greedy: its rows carry no greedy answers (a thresholded single-turn "
                                  "evaluation has them)")
             rows = apply_rule(rows, "p_abstain", None)

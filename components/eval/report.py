@@ -78,16 +78,17 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def review_priority(row: Mapping[str, Any]) -> tuple:
+def review_priority(row: Mapping[str, Any], threshold: float = 0.5) -> tuple:
     """Sort key, most in need of a person first: invalid JSON, then answers that
     disagree with the model's own abstention probability, then by closeness of that
-    probability to 0.5."""
+    probability to the decision threshold (0.5, or the calibrated one)."""
     abstained = row["model_answer"] == "?"
-    disagrees = row["model_answer"] is not None and abstained != (row["na_prob"] >= 0.5)
-    return (row["model_answer"] is not None, not disagrees, abs(row["na_prob"] - 0.5), row["id"])
+    disagrees = row["model_answer"] is not None and abstained != (row["na_prob"] > threshold)
+    return (row["model_answer"] is not None, not disagrees, abs(row["na_prob"] - threshold), row["id"])
 
 
-def review_queue(rows: List[Mapping[str, Any]], records: Mapping[str, Any], limit: Optional[int] = None) -> List[Dict]:
+def review_queue(rows: List[Mapping[str, Any]], records: Mapping[str, Any], limit: Optional[int] = None,
+                 threshold: float = 0.5) -> List[Dict]:
     """The questions to show an expert, as flat training records.
 
     ``answers`` holds the model's proposal (``[]`` when it abstained or its reply did
@@ -95,11 +96,11 @@ def review_queue(rows: List[Mapping[str, Any]], records: Mapping[str, Any], limi
     training as ``dataset: {source: json, data_files: review_queue.jsonl}``.
     """
     queue = []
-    for row in sorted(rows, key=review_priority)[:limit]:
+    for row in sorted(rows, key=lambda r: review_priority(r, threshold))[:limit]:
         record = records[row["id"]]
         answer = row["model_answer"]
         reason = ("invalid JSON" if answer is None else
-                  "answer disagrees with its abstention probability" if review_priority(row)[1] is False else
+                  "answer disagrees with its abstention probability" if review_priority(row, threshold)[1] is False else
                   "uncertain")
         queue.append({
             "id": record.id, "title": record.title, "context": record.context, "question": record.question,

@@ -123,7 +123,8 @@ class Reply:
     # (single turn) what greedy decoding would have answered.
     span_answer: Optional[str] = None
     scores: Optional[Dict[str, float]] = None
-    greedy_answer: Optional[str] = None
+    greedy_answer: Optional[str] = None  # None: invalid JSON (or unknown, see greedy_known)
+    greedy_known: bool = False
 
 
 def generate_replies(
@@ -177,11 +178,11 @@ def generate_replies(
             continue
         rule, threshold = abstention
         scores = abstention_scores(prob, gen.span_logprob, no)
-        greedy = None
-        if prompt_style == "single_turn":  # masking changed nothing unless "?" was the greedy choice
-            greedy = NO_ANSWER if gen.probe_argmax else answer
+        single = prompt_style == "single_turn"  # masking changed nothing unless "?" was the greedy choice
+        greedy = (NO_ANSWER if gen.probe_argmax else answer) if single else None
         out.append(Reply(text=text, na_prob=scores[rule], answer=decide(answer, scores[rule], threshold),
-                         first_turn=turn1, span_answer=answer, scores=scores, greedy_answer=greedy))
+                         first_turn=turn1, span_answer=answer, scores=scores, greedy_answer=greedy,
+                         greedy_known=single))
     return out
 
 
@@ -205,7 +206,9 @@ def answer_records(
         if reply.first_turn is not None:
             row["first_turn_output"] = reply.first_turn
         if reply.scores is not None:
-            row.update(span_answer=reply.span_answer, abstain_scores=reply.scores, greedy_answer=reply.greedy_answer)
+            row.update(span_answer=reply.span_answer, abstain_scores=reply.scores)
+            if reply.greedy_known:
+                row["greedy_answer"] = reply.greedy_answer
         rows.append(row)
     return rows
 

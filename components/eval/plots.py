@@ -42,6 +42,8 @@ def write_plots(rows: Sequence[Mapping], output_dir: str, title: str) -> List[st
     fig, ax = plt.subplots(figsize=(5.5, 4))
     points = risk_coverage(rows)
     ax.plot([100 * c for c, _ in points], [100 * e for _, e in points], color="tab:blue", label="answer the most certain")
+    if points:  # a score that ranks nothing stays at the exact match of answering everything
+        ax.axhline(100 * points[-1][1], color="gray", linestyle="--", linewidth=1, label="a random order")
     answered = [r for r in rows if r["model_answer"] not in (None, "?")]
     if answered and rows:
         ax.scatter([100 * len(answered) / len(rows)],

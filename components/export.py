@@ -339,12 +339,16 @@ def _abstention_spec(plan: ExportPlan) -> Dict[str, Any]:
     calibration = plan.calibration
     if calibration is None:
         return {"rule": "greedy", "how": "answer what greedy decoding writes (the article's rule); no calibration"}
+    from torchtune_blah.eval.run import abstention_probe
+
     return {
         "rule": calibration["rule"], "threshold": calibration["threshold"],
         "calibrated_on": calibration.get("validation"),
-        "how": ("read P(abstain) = the probability of the first value token of \"?\" where the answer value starts "
-                "(after '\\n{\\n  \"answer\": '); decode that position with the \"?\" token suppressed to get the "
-                "best span, and its probability P(span) = the product of its tokens' probabilities up to the '}'. "
+        "abstain_token_ids": list(abstention_probe(plan.fmt.tokenizer).abstain_ids),
+        "how": ("read P(abstain) = the summed probability of abstain_token_ids (the tokens that start the value as "
+                "\"?\" does) where the answer value starts (after '\\n{\\n  \"answer\": '); decode that position "
+                "with them suppressed to get the best span, and its probability P(span) = the product of its tokens' "
+                "probabilities up to the '}'. "
                 "Score p_abstain = P(abstain); abstain_vs_span = P(abstain) / (P(abstain) + P(span)). Answer \"?\" "
                 "when the score exceeds threshold, else the span."),
     }

@@ -51,7 +51,7 @@ class AbstentionProbe:
     token: int
     # Every token that starts the value the way the abstention does ('?"', but also a lone '?'
     # that a '"' would follow): what the threshold rule masks, and whose probabilities it sums.
-    abstain_ids: Tuple[int, ...] = ()
+    abstain_ids: Tuple[int, ...]
 
     @property
     def step(self) -> int:
@@ -62,14 +62,13 @@ def abstention_probe(tokenizer: Any, value: str = NO_ANSWER, other: str = "Norma
     """Find the value position by tokenizing an abstention and an answer block and
     taking their first difference (BPE may fuse the quote with the value).
     ``value="no", other="yes"``: the two-turn style's first reply."""
-    encode = chat_format(tokenizer).encode
-    forced = encode(ANSWER_PREFIX)
-    abstain, answer = encode(answer_block(value)), encode(answer_block(other))
+    fmt = chat_format(tokenizer)
+    forced = fmt.encode(ANSWER_PREFIX)
+    abstain, answer = fmt.encode(answer_block(value)), fmt.encode(answer_block(other))
     if abstain[: len(forced)] != forced or answer[: len(forced)] != forced:
         raise ValueError("this tokenizer merges the forced prefix '\\n```json' with what follows it; the seed's "
                          "forced-prefix protocol needs it to be a token prefix of every reply")
     k = next(i for i, (a, b) in enumerate(zip(abstain, answer)) if a != b)
-    fmt = chat_format(tokenizer)
     first, rest = fmt.decode([abstain[k]]), fmt.decode(abstain[k:])
     same_start = tuple(i for i, text in enumerate(fmt.token_texts())
                        if text and (rest.startswith(text) or text.startswith(first)))
@@ -87,7 +86,7 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
     if pause is not None:
         mask_pause_logits(logits, pause)
     probs = torch.softmax(logits, dim=-1)[0]
-    if summed and probe.abstain_ids:
+    if summed:
         return float(probs[list(probe.abstain_ids)].sum())
     return float(probs[probe.token])
 
@@ -95,7 +94,7 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
 def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache, on_token=None,
               mask=False):
     # Greedy reads P(the abstention token); the threshold rule P(any token that starts "?"), all masked.
-    probe_ids = probe.abstain_ids if mask and probe.abstain_ids else probe.token
+    probe_ids = probe.abstain_ids if mask else probe.token
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
                            pause=pause, use_cache=use_cache,
                            probe=(probe.step, probe_ids), probe_mask=mask, on_token=on_token)

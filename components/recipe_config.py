@@ -12,17 +12,18 @@ from typing import Optional
 from omegaconf import DictConfig, ListConfig
 
 from torchtune_blah.checkpointing import phase_complete
+from torchtune_blah.config_schema import ConfigError, QLoRAConfig, check_component_keys, check_config
 from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, read_pause_embeddings
 
 PHASES = ("embed", "lora")
-PHASE_KEYS = {
-    "epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "optimizer", "lr_scheduler",
-    "clip_grad_norm", "save_every_n_steps", "train_pause_embeddings",
-}
+__all__ = ["ConfigError", "check_keys", "check_qlora_config", "init_from_stage"]
 
 
-class ConfigError(ValueError):
-    pass
+def check_keys(cfg: DictConfig) -> None:
+    """Every key of a ``blah_qlora`` config is one it reads (``config_schema.QLoRAConfig``), and
+    every ``dataset`` key one its builder takes: checked first, before anything is built."""
+    check_config(cfg, QLoRAConfig, "blah_qlora")
+    check_component_keys(cfg.get("dataset"), "dataset")
 
 
 def _is_inside(child: str, parent: str) -> bool:
@@ -54,9 +55,6 @@ def check_phases(cfg: DictConfig) -> list:
         block = cfg.get(phase)
         if not isinstance(block, (dict, DictConfig)):
             raise ConfigError(f"phase {phase!r} is selected but the config has no '{phase}:' block")
-        unknown_keys = sorted(set(block.keys()) - PHASE_KEYS)
-        if unknown_keys:
-            raise ConfigError(f"{phase}.{unknown_keys[0]} is not a phase setting; known: {sorted(PHASE_KEYS)}")
         if "optimizer" not in block:
             raise ConfigError(f"{phase}.optimizer is missing")
         for key in ("batch_size", "gradient_accumulation_steps", "epochs"):
@@ -169,13 +167,10 @@ def check_qlora_config(cfg: DictConfig, pause: PauseTokens) -> list:
 
     validation = cfg.get("validation")
     if validation is not None:
-        unknown = sorted(set(validation.keys()) - {"every_n_steps", "max_examples", "batch_size", "max_new_tokens"})
-        if unknown:
-            raise ConfigError(f"validation.{unknown[0]} is not a validation setting")
         if not isinstance(validation.get("every_n_steps"), int) or validation.every_n_steps < 1:
             raise ConfigError("validation.every_n_steps must be an integer >= 1 (or validation: null)")
         if not cfg.dataset.get("holdout_fraction"):
-            raise ConfigError("validation needs a held-out split: set dataset.holdout_fraction (the seed: 0.005)")
+            raise ConfigError("validation needs a held-out split: set dataset.holdout_fraction (llama-squad's: 0.005)")
 
     resume = bool(cfg.get("resume_from_checkpoint", False))
     started = [p for p in phases if os.path.isdir(os.path.join(str(cfg.output_dir), p))

@@ -66,7 +66,7 @@ from torchtune_blah.pause import (
     read_matching_pause_rows,
     save_pause_embeddings,
 )
-from torchtune_blah.recipe_config import ConfigError, check_qlora_config, init_from_stage
+from torchtune_blah.recipe_config import ConfigError, check_keys, check_qlora_config, init_from_stage
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -83,6 +83,7 @@ class TwoPhaseRecipe(FTRecipeInterface):
     world_size, rank = 1, 0
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_keys(cfg)  # a misspelt key fails here, naming it, before anything is built
         self._is_rank_zero = self.rank == 0
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)

@@ -38,6 +38,7 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text
+from torchtune_blah.config_schema import EvalConfig, check_config
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config, apply_rule, calibrate,
                                             calibration_path, check_calibration_rows, run_fingerprint)
@@ -77,6 +78,7 @@ class BlahEvalRecipe:
     """setup() loads the run's model (torchtune_blah.model.load_run_model), evaluate() answers and scores."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_config(cfg, EvalConfig, "blah_eval")  # a misspelt key fails here, naming it
         self._cfg = cfg
         # Under `tune run --nproc_per_node N` (torchrun): data parallel, every rank a whole model.
         self._world_size, self._rank = _init_distributed(cfg.device)

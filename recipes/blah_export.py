@@ -11,6 +11,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config, utils
 
+from torchtune_blah.config_schema import ExportConfig, check_config
 from torchtune_blah.export import export_run, plan_export
 
 log = utils.get_logger("INFO")
@@ -19,6 +20,7 @@ log = utils.get_logger("INFO")
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="blah_export", cfg=cfg)
+    check_config(cfg, ExportConfig, "blah_export")  # a misspelt key fails here, naming it
     plan = plan_export(cfg.run_dir, cfg.output_dir, stage=cfg.get("stage", "latest"), format=cfg.get("format", "hf"),
                        dtype=cfg.get("dtype"), eval_dirs=list(cfg.get("eval_dirs") or []))
     pause = f"{plan.pause.num} pause tokens ({plan.pause.mode})" if plan.pause else "no pause tokens"

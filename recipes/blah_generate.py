@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from torchtune_blah.chat_format import chat_format
 from torchtune_blah.checkpointing import atomic_json
+from torchtune_blah.config_schema import GenerateConfig, check_config
 from torchtune_blah.data.squad import ANSWER_PREFIX, SquadRecord, load_questions_jsonl, question_id
 from torchtune_blah.eval.abstention import abstention_from_config
 from torchtune_blah.eval.metrics import official_prediction
@@ -64,6 +65,7 @@ class _Streamer:
 
 class BlahGenerateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        check_config(cfg, GenerateConfig, "blah_generate")  # a misspelt key fails here, naming it
         self._cfg = cfg
         self._run_dir = str(cfg.run_dir)
         self._run_cfg = read_run_config(self._run_dir)

@@ -159,6 +159,9 @@ def test_review_queue_round_trip_into_training(trained_run, tmp_path, tokenizer)
     ({"prompt_style": "three_turn"}, "prompt_style must be one of"),
     ({"stage": "middle"}, "stage must be one of"),
     ({"+pause_tokens.num": 3}, r"pause_tokens.num=3 but .* was trained with num=5"),
+    ({"abstain_treshold": 0.3}, r"abstain_treshold is not a blah_eval key; did you mean abstain_threshold\?"),
+    ({"dataset.max_exampels": 3}, r"dataset.max_exampels is not a blah_eval key; did you mean dataset.max_examples\?"),
+    ({"batch_size": "eight"}, r"batch_size: Value 'eight' of type 'str' could not be converted to Integer"),
 ])
 def test_bad_eval_input_fails_early(trained_run, tmp_path, extra, message):
     extra = dict(extra)

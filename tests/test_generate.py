@@ -131,6 +131,8 @@ def test_bad_questions_fail_before_the_model_loads(trained_run, tmp_path, monkey
         BlahGenerateRecipe(_cfg(trained_run, tmp_path / "o", question="Where?"))
     with pytest.raises(ValueError, match="stage=middle|stage must be one of"):
         BlahGenerateRecipe(_cfg(trained_run, tmp_path / "o", question="Where?", context="Here.", stage="middle"))
+    with pytest.raises(ValueError, match=r"\+question is not a blah_generate key; did you mean question\?"):
+        BlahGenerateRecipe(_cfg(trained_run, tmp_path / "o", context="Here.", **{"+question": "Where?"}))
     assert not (tmp_path / "o").exists()
 
 

@@ -313,6 +313,9 @@ def load_squad_records(
         split: ``"train"`` / ``"validation"`` for the hub and ``bundled_pool`` (which also has
             ``"all"``); ignored for ``json`` and the other bundled slices.
     """
+    if load_dataset_kwargs and (source == "json" or source in BUNDLED or source == "bundled_pool"):
+        raise ValueError(f"dataset: {sorted(load_dataset_kwargs)} is not a setting of source={source!r} (extra "
+                         "keys go to datasets.load_dataset, which this source does not use); remove them")
     if source == "bundled_pool":
         return pool_split(load_squad_records("json", bundled_path(source)), split)
     if source in BUNDLED:  # the real SQuAD 2.0 slices shipped with the package

@@ -1,7 +1,7 @@
 """Ships torchtune_blah.pth into site-packages, for regular and editable installs.
 
 torchtune has no plug-in hook. The .pth line installs a tiny import hook
-(components/_tune_hook.py, standard library only) that adds our recipes and
+(components/torchtune_blah/_tune_hook.py, standard library only) that adds our recipes and
 configs to torchtune's recipe registry when torchtune imports it, so that
 `tune ls`, `tune cp` and `tune run blah_qlora` work from any directory.
 tests/test_registry.py checks that the file lands and that the hook works.

@@ -151,7 +151,7 @@ def test_wheel_carries_the_pth_the_recipes_configs_and_data(tmp_path):
     (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "torchtune_blah.pth" in names
-    for folder, package in (("components", "torchtune_blah"), ("recipes", "torchtune_blah/recipes")):
+    for folder, package in (("components/torchtune_blah", "torchtune_blah"), ("recipes", "torchtune_blah/recipes")):
         for root, _, files in os.walk(os.path.join(REPO, folder)):
             rel = os.path.relpath(root, os.path.join(REPO, folder))
             for name in files:

@@ -186,6 +186,7 @@ def _answer(loaded, records, **kwargs):
                           max_new_tokens=40, **kwargs)
 
 
+@pytest.mark.slow
 def test_threshold_rule_abstains_above_t_and_gives_the_best_span_below(loaded):
     records = load_squad_records("bundled_sample")[::25][:16]
     greedy = _answer(loaded, records)
@@ -213,6 +214,7 @@ def test_threshold_rule_abstains_above_t_and_gives_the_best_span_below(loaded):
     assert all(r["model_answer"] == "?" for r in always)
 
 
+@pytest.mark.slow
 def test_null_threshold_answers_as_plain_greedy_decoding(loaded):
     """abstain_threshold: null is the article's greedy path: the raw replies are plain greedy
     decoding (no probe, no mask) and na_prob is P("?") with the JSON scaffold written for it."""
@@ -234,6 +236,7 @@ def test_null_threshold_answers_as_plain_greedy_decoding(loaded):
         assert "span_answer" not in row and "abstain_scores" not in row
 
 
+@pytest.mark.slow
 def test_calibrate_then_use_the_calibration(trained_run, tmp_path):
     """calibrate=true writes calibration.json with the run; abstain_threshold=calibrated and
     blah_export then use that rule and threshold."""
@@ -273,6 +276,7 @@ def test_calibrate_then_use_the_calibration(trained_run, tmp_path):
     assert spec["abstention"]["threshold"] == calibration["threshold"]
 
 
+@pytest.mark.slow
 def test_a_calibration_of_other_weights_or_tokenizer_is_refused_before_the_model_loads(trained_run, tmp_path):
     run_cfg = OmegaConf.load(os.path.join(trained_run, "blah_config.yaml"))
     fingerprint = run_fingerprint(run_cfg, trained_run, "lora")
@@ -293,6 +297,7 @@ def test_a_calibration_of_other_weights_or_tokenizer_is_refused_before_the_model
         abstention_from_config({"abstain_threshold": "calibrated"}, run_cfg, trained_run, "embed", "single_turn")
 
 
+@pytest.mark.slow
 def test_calibrating_on_questions_without_an_unanswerable_one_fails_before_the_model_loads(trained_run, tmp_path):
     from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
 
@@ -318,6 +323,7 @@ def _assert_not_blank(path):
     assert (image < 128).mean() > 0.005
 
 
+@pytest.mark.slow
 def test_two_turn_threshold_rule_reads_p_no_and_asks_for_the_span_after_a_yes(loaded):
     model, pause, tokenizer = loaded
     records = load_squad_records("bundled_sample")[::40][:8]

@@ -5,6 +5,10 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two processes answer with a trained tiny run: the full suite only (python -m pytest -q)
+
 TUNE = shutil.which("tune")
 FILES = ("predictions.jsonl", "predictions.json", "na_probs.json", "metrics.json", "results.md", "review_queue.jsonl",
          "eval_data.json")

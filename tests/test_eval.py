@@ -15,6 +15,8 @@ from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import greedy_generate, stop_token_ids
 from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
 
+pytestmark = pytest.mark.slow  # evaluations of a trained tiny run: the full suite only (python -m pytest -q)
+
 TUNE = shutil.which("tune")
 EVAL_CONFIG = os.path.join(REPO, "configs", "demo_cpu_blah_eval.yaml")
 

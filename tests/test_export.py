@@ -19,6 +19,8 @@ from torchtune_blah.export import ExportError, export_run, plan_export
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model, read_run_config
 
+pytestmark = pytest.mark.slow  # exports of trained tiny and SmolLM2 runs: the full suite only (python -m pytest -q)
+
 
 
 def _export(run_dir, out, **kwargs):

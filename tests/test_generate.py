@@ -14,6 +14,8 @@ from torchtune_blah.data.squad import SquadRecordError, load_questions_jsonl, lo
 from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
 from torchtune_blah.recipes.blah_generate import BlahGenerateRecipe
 
+pytestmark = pytest.mark.slow  # answers from a trained tiny run: the full suite only (python -m pytest -q)
+
 TUNE = shutil.which("tune")
 GENERATE_CONFIG = os.path.join(REPO, "configs", "blah_generate.yaml")
 

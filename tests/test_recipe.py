@@ -35,6 +35,7 @@ def _run_in_process(overrides):
     return recipe
 
 
+@pytest.mark.slow
 def test_tune_run_both_phases_and_the_artifact_layout(tmp_path, tiny_base):
     out = tmp_path / "run"
     result = subprocess.run([TUNE, "run", "blah_qlora", "--config", "demo_cpu_blah",
@@ -85,6 +86,7 @@ def _bits(tensor):
     return [tensor.detach().clone()]
 
 
+@pytest.mark.slow
 def test_embed_changes_only_the_pause_rows(tmp_path, tiny_base):
     recipe, cfg = _recipe(fast_overrides(tmp_path / "run", tiny_base, phases="[embed]"))
     recipe.setup(cfg)
@@ -104,6 +106,7 @@ def test_embed_changes_only_the_pause_rows(tmp_path, tiny_base):
     assert torch.equal(rows, after["tok_embeddings.pause_weight"].detach())
 
 
+@pytest.mark.slow
 def test_embed_loss_falls_on_a_small_repeated_set(tmp_path, tiny_base, squad_official):
     records = [{"id": qa["id"], "context": p["context"], "question": qa["question"],
                 "answers": [a["text"] for a in qa["answers"]]}
@@ -121,6 +124,7 @@ def test_embed_loss_falls_on_a_small_repeated_set(tmp_path, tiny_base, squad_off
     assert sum(losses[-5:]) / 5 < losses[0] - 0.2, losses
 
 
+@pytest.mark.slow
 def test_zero_pause_tokens_is_plain_sft(tmp_path, tiny_base):
     recipe = _run_in_process(fast_overrides(tmp_path / "run", tiny_base, phases="[lora]", **{"pause_tokens.num": 0}))
     assert recipe._pause_module is None
@@ -157,6 +161,7 @@ def test_output_dir_inside_checkpoint_dir_is_refused(tmp_path, tiny_base):
         _recipe(fast_overrides(os.path.join(tiny_base["checkpoint_dir"], "out"), tiny_base))
 
 
+@pytest.mark.slow
 def test_mismatched_pause_embeddings_path(tmp_path, tiny_base):
     _run_in_process(fast_overrides(tmp_path / "run", tiny_base, phases="[embed]"))
     for extra, message in [({"pause_tokens.num": 4}, "file has 5 tokens on 5 rows, config has 4 on 4"),
@@ -167,6 +172,7 @@ def test_mismatched_pause_embeddings_path(tmp_path, tiny_base):
                                    pause_embeddings_path=str(tmp_path / "run" / "embed"), **extra))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base):
     recipe, cfg = _recipe(fast_overrides(tmp_path / "run", tiny_base, phases="[embed]"))
     recipe.setup(cfg)
@@ -187,6 +193,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert not (tmp_path / "run" / "embed" / "phase_complete.json").exists()
 
 
+@pytest.mark.slow
 def test_in_training_validation_logs_exact_match(tmp_path, tiny_base):
     _run_in_process(fast_overrides(tmp_path / "run", tiny_base, phases="[lora]", **{
         "pause_tokens.num": 0, "validation.every_n_steps": 3, "validation.max_examples": 4,
@@ -198,6 +205,7 @@ def test_in_training_validation_logs_exact_match(tmp_path, tiny_base):
         _recipe(fast_overrides(tmp_path / "other", tiny_base, **{"dataset.holdout_fraction": 0.0}))
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_trains_and_saves_the_same_adapter(tmp_path, tiny_base):
     """Activation checkpointing wraps every layer (``_checkpoint_wrapped_module`` in parameter
     names): the lora phase must still train the adapter, save it, and match a run without it."""

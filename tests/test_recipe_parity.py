@@ -13,6 +13,8 @@ import yaml
 
 from conftest import read_disk_log
 
+pytestmark = pytest.mark.slow  # torchtune's recipe and ours, trained side by side: the full suite only (python -m pytest -q)
+
 TUNE = shutil.which("tune")
 STEPS = 8
 

@@ -67,6 +67,7 @@ def test_pth_file_is_installed():
     assert open(pth).read().strip() == "import torchtune_blah._tune_hook"
 
 
+@pytest.mark.slow
 def test_tune_ls_cp_run_see_a_registered_recipe(tiny_registration):
     tmp_path, workdir, env = tiny_registration
     listing = _tune(["ls"], workdir, env)
@@ -137,6 +138,7 @@ def test_register_skips_missing_files_and_taken_names(tmp_path, monkeypatch):
     assert os.path.isabs(FakeRegistry._ALL_RECIPES[1].configs[0].file_path)
 
 
+@pytest.mark.slow
 def test_wheel_carries_the_pth_the_recipes_configs_and_data(tmp_path):
     # Build from a clean copy: a stale build/ folder would hide a package missing from pyproject.toml.
     source = tmp_path / "src"

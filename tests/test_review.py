@@ -19,6 +19,7 @@ from torchtune_blah.review.db import ReviewDB, ReviewError
 from torchtune_blah.review.sources import SourceError, read_items
 
 
+@pytest.mark.slow
 def test_import_reads_every_source_once(eval_output, tmp_path):
     db = ReviewDB(str(tmp_path / "review.sqlite"))
     items = read_items(str(eval_output / "predictions.jsonl"))
@@ -36,6 +37,7 @@ def test_import_reads_every_source_once(eval_output, tmp_path):
     assert first.item["qid"] == queue[0] or first.item["qid"] in queue[:3]
 
 
+@pytest.mark.slow
 def test_bad_imports_write_nothing(eval_output, tmp_path, capsys):
     db_path = str(tmp_path / "review.sqlite")
     good = str(eval_output / "predictions.jsonl")
@@ -185,6 +187,7 @@ def test_two_reviewers_in_parallel_never_share_an_item(server, tmp_path):
     assert db.progress()["reviewed"] == 300
 
 
+@pytest.mark.slow
 def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(trained_run, eval_output, tmp_path,
                                                                            tiny_base):
     """evaluate -> import -> review -> export -> blah_qlora init_from=<previous run> on the corrections."""
@@ -231,6 +234,7 @@ def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(traine
     assert any(not torch.equal(new_adapter[k], v) for k, v in previous_adapter.items())
 
 
+@pytest.mark.slow
 def test_init_from_mistakes_fail_before_weights_load(trained_run, tmp_path, tiny_base):
     from conftest import demo_cfg, fast_overrides
     from torchtune_blah.recipe_config import ConfigError

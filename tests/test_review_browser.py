@@ -16,6 +16,8 @@ from review_fixtures import eval_output, server  # noqa: F401  (fixtures)
 
 from torchtune_blah.review.__main__ import main as review_cli
 
+pytestmark = pytest.mark.slow  # a trained run, an evaluation and headless Chromium: the full suite only (python -m pytest -q)
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 

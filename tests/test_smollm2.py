@@ -15,6 +15,8 @@ from torchtune_blah.data.squad import load_squad_records
 from torchtune_blah.eval.run import _abstention_prob_forced, abstention_probe, answer_records
 from torchtune_blah.generation import greedy_generate, stop_token_ids
 
+pytestmark = pytest.mark.slow  # real SmolLM2-135M weights: the full suite only (python -m pytest -q)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -92,13 +92,13 @@ def read_disk_log(log_dir):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_base):
     """A demo run trained long enough to write the JSON block and stop at its "}"."""
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     out = tmp_path_factory.mktemp("trained") / "run"
     cfg = demo_cfg(fast_overrides(out, tiny_base, **{
         "embed.max_steps": 10, "embed.batch_size": 4, "lora.max_steps": 120, "lora.epochs": 8, "lora.batch_size": 4,
         "embed.save_every_n_steps": "null", "lora.save_every_n_steps": "null", "model.lora_dropout": 0.0}))
-    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe = BlahQLoRARecipe(cfg)
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

@@ -90,7 +90,7 @@ def test_qlora_two_ranks_match_blah_qlora_from_the_same_start(tmp_path, tiny_bas
     """NF4 base: FSDP2 over 2 ranks (batch 2) vs the single-device recipe (batch 4). Fresh LoRA
     weights are drawn differently by the two recipes, so both start from a finished run (init_from).
     In-training validation (each rank answers half the held-out questions) logs the same scores."""
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     # small learning rates: the model stays near the trained run, so validation has answers to score
     start = {"init_from": trained_run, "embed.max_steps": 4, "lora.max_steps": 4, "embed.optimizer.lr": 1e-4,
@@ -104,7 +104,7 @@ def test_qlora_two_ranks_match_blah_qlora_from_the_same_start(tmp_path, tiny_bas
     try:
         cfg = demo_cfg(fast_overrides(single, tiny_base, **start, **{
             "embed.batch_size": 4, "lora.batch_size": 4, "model.lora_dropout": 0.0, "save_adapter_weights_only": True}))
-        recipe = BlahQLoRARecipeSingleDevice(cfg)
+        recipe = BlahQLoRARecipe(cfg)
         recipe.setup(cfg)
         recipe.train()
         recipe.cleanup()

@@ -240,7 +240,7 @@ def test_a_failed_export_leaves_nothing(trained_run, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
     """A few fp32 steps of both phases on the real model (adapter and pause rows away from their init)."""
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     smollm2 = prepared_smollm2_dir()
     out = tmp_path_factory.mktemp("smollm2") / "run"
@@ -248,7 +248,7 @@ def smollm2_run(tmp_path_factory):
         f"output_dir={out}", f"tokenizer.path={smollm2}/tokenizer.json", f"checkpointer.checkpoint_dir={smollm2}",
         "save_adapter_weights_only=true", "dtype=fp32", "embed.max_steps=3", "embed.batch_size=2",
         "lora.max_steps=3", "lora.batch_size=2", "embed.save_every_n_steps=null", "lora.save_every_n_steps=null"]))
-    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe = BlahQLoRARecipe(cfg)
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()
@@ -326,7 +326,7 @@ def qwen2_run(tmp_path_factory):
     from torchtune.models.qwen2._component_builders import qwen2
     from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     base = tmp_path_factory.mktemp("qwen2_base")
     with torch.random.fork_rng(devices=[]):
@@ -351,7 +351,7 @@ def qwen2_run(tmp_path_factory):
         "_component_": "torchtune.models.qwen2._component_builders.lora_qwen2",
         "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
         "lora_rank": 8, "lora_alpha": 16, **QWEN2_ARGS})
-    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe = BlahQLoRARecipe(cfg)
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

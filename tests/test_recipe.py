@@ -14,14 +14,14 @@ from conftest import demo_cfg, fast_overrides, read_disk_log
 from torchtune_blah.checkpointing import TRAINING_STATE_FILE
 from torchtune_blah.pause import read_pause_embeddings
 from torchtune_blah.recipe_config import ConfigError
-from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice, TrainingStopped
+from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe, TrainingStopped
 
 TUNE = shutil.which("tune")
 
 
 def _recipe(overrides):
     cfg = demo_cfg(overrides)
-    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe = BlahQLoRARecipe(cfg)
     return recipe, cfg
 
 
@@ -220,3 +220,26 @@ def test_activation_checkpointing_trains_and_saves_the_same_adapter(tmp_path, ti
     for name, value in runs[True].items():
         assert torch.allclose(value, runs[False][name], atol=1e-5), name
     assert any(v.abs().max() > 0 for k, v in runs[True].items() if "lora_b" in k)  # lora_b starts at 0: it trained
+
+
+@pytest.mark.slow
+def test_tune_cp_gives_the_loop_to_edit_and_tune_run_runs_the_copy(tmp_path, tiny_base):
+    """torchtune's convention: the copied recipe holds the training loop. Edit the copy (log an
+    extra metric every step) and run it: the run's log has the metric."""
+    copy = tmp_path / "my_recipe.py"
+    result = subprocess.run([TUNE, "cp", "blah_qlora", str(copy)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    source = copy.read_text()
+    assert "def _train_epoch(" in source and "current_loss.backward()" in source and "optimizer.step()" in source
+    anchor = 'metrics = {f"{phase}/loss": loss_to_log,'
+    assert source.count(anchor) == 1
+    copy.write_text(source.replace(anchor, anchor + ' f"{phase}/my_metric": 2.0 * loss_to_log,'))
+    out = tmp_path / "run"
+    result = subprocess.run([TUNE, "run", str(copy), "--config", "demo_cpu_blah",
+                             *fast_overrides(out, tiny_base, phases="[lora]", **{"pause_tokens.num": 0})],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = read_disk_log(str(out / "logs"))
+    assert len(metrics["lora/my_metric"]) == 6
+    assert metrics["lora/my_metric"] == pytest.approx([2.0 * v for v in metrics["lora/loss"]])

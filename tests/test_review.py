@@ -195,7 +195,7 @@ def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(traine
 
     from conftest import demo_cfg, fast_overrides
     from torchtune_blah.pause import read_pause_embeddings
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     db = ReviewDB(str(tmp_path / "review.sqlite"))
     db.import_items(read_items(str(eval_output / "predictions.jsonl")))
@@ -217,7 +217,7 @@ def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(traine
         "dataset._component_": "torchtune_blah.data.squad_chat_dataset", "dataset.source": "json",
         "dataset.data_files": str(corrections), "dataset.holdout_fraction": 0.0,
         "embed.max_steps": 2, "lora.max_steps": 2, "model.lora_dropout": 0.0}))
-    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe = BlahQLoRARecipe(cfg)
     recipe.setup(cfg)
     assert sorted(r.id for r in recipe._dataset.records) == sorted(json.loads(l)["id"] for l in open(corrections))
     # step 0: the previous run's pause rows and adapter, bit for bit
@@ -238,7 +238,7 @@ def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(traine
 def test_init_from_mistakes_fail_before_weights_load(trained_run, tmp_path, tiny_base):
     from conftest import demo_cfg, fast_overrides
     from torchtune_blah.recipe_config import ConfigError
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     for extra, message in [({"init_from": str(tmp_path)}, "blah_config.yaml not found"),
                            ({"init_from": trained_run, "pause_tokens.num": 3}, "init_from: .* does not match"),
@@ -246,7 +246,7 @@ def test_init_from_mistakes_fail_before_weights_load(trained_run, tmp_path, tiny
                            ({"init_from": trained_run, "phases": "[lora]",
                              "pause_embeddings_path": os.path.join(trained_run, "embed")}, "both give the pause rows")]:
         with pytest.raises(ConfigError, match=message):
-            BlahQLoRARecipeSingleDevice(demo_cfg(fast_overrides(tmp_path / "o", tiny_base, **extra)))
+            BlahQLoRARecipe(demo_cfg(fast_overrides(tmp_path / "o", tiny_base, **extra)))
 
 
 def test_an_expired_lease_is_refused_and_the_item_goes_to_the_next_reviewer(tmp_path):

@@ -104,7 +104,7 @@ def test_a_few_training_steps_lower_the_loss_in_each_phase(smollm2_dir, tmp_path
     pass has a lower mean loss than its first."""
     from omegaconf import OmegaConf
 
-    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipeSingleDevice
+    from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     records = load_squad_records("bundled_train")
     chosen = [r for r in records if r.has_answer][:4] + [r for r in records if not r.has_answer][:2]
@@ -117,7 +117,7 @@ def test_a_few_training_steps_lower_the_loss_in_each_phase(smollm2_dir, tmp_path
         "dataset.source=json", f"dataset.data_files={data}", "save_adapter_weights_only=true",
         "embed.epochs=2", "embed.max_steps=null", "embed.batch_size=2", "embed.save_every_n_steps=null",
         "lora.epochs=2", "lora.max_steps=null", "lora.batch_size=2", "lora.save_every_n_steps=null"]))
-    recipe = BlahQLoRARecipeSingleDevice(cfg)
+    recipe = BlahQLoRARecipe(cfg)
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

@@ -32,6 +32,7 @@ from torchtune_blah.checkpointing import atomic_write
 PAUSE_MODES = ("append", "reserved")
 INIT_METHODS = ("mean", "normal", "copy")
 PAUSE_EMBEDDINGS_FILE = "pause_embeddings.safetensors"
+PAUSE_PARAM = "tok_embeddings.pause_weight"  # the model's one pause parameter, by its state-dict name
 _TENSOR_KEY = "pause_embeddings"
 _FORMAT_VERSION = "1"
 

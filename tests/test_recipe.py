@@ -236,7 +236,8 @@ def test_tune_cp_gives_the_loop_to_edit_and_tune_run_runs_the_copy(tmp_path, tin
     assert source.count(anchor) == 1
     copy.write_text(source.replace(anchor, anchor + ' f"{phase}/my_metric": 2.0 * loss_to_log,'))
     out = tmp_path / "run"
-    result = subprocess.run([TUNE, "run", str(copy), "--config", "demo_cpu_blah",
+    # torchtune 0.6.1 runs a custom recipe as a module of the working directory: "my_recipe.py" from its folder
+    result = subprocess.run([TUNE, "run", "my_recipe.py", "--config", "demo_cpu_blah",
                              *fast_overrides(out, tiny_base, phases="[lora]", **{"pause_tokens.num": 0})],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -21,6 +21,7 @@ from torchtune_blah.data.squad import load_squad_records
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
 from torchtune_blah.model import load_run_model
+from torchtune_blah.run_dir import RunDir
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args()
-    cfg_path = os.path.join(args.run_dir, "blah_config.yaml")
+    cfg_path = RunDir(args.run_dir).config_path
     if not os.path.isfile(cfg_path):
         raise SystemExit(f"{cfg_path} not found: train first (tune run blah_qlora --config demo_cpu_blah "
                          f"output_dir={args.run_dir})")

@@ -142,15 +142,15 @@ def configs(root: str, shape: dict, files, args) -> dict:
 def eval_speed(run_dir: str, device: str, batch_sizes, questions: int, max_new_tokens: int):
     """Examples/s of blah_eval's answering with the run's model, per batch size."""
     import torch
-    from omegaconf import OmegaConf
     from torchtune import config
 
     from torchtune_blah.data.squad import load_squad_records
     from torchtune_blah.eval.run import abstention_probe, answer_records
     from torchtune_blah.generation import stop_token_ids
     from torchtune_blah.model import load_run_model
+    from torchtune_blah.run_dir import RunDir
 
-    run_cfg = OmegaConf.load(os.path.join(run_dir, "blah_config.yaml"))
+    run_cfg = RunDir(run_dir).read_config()
     tokenizer = config.instantiate(run_cfg.tokenizer)
     model, pause = load_run_model(run_cfg, run_dir, "lora", torch.device(device), torch.bfloat16,
                                   staging_dir=os.path.join(run_dir, ".eval_staging"))

@@ -37,7 +37,8 @@ import subprocess
 import sys
 import time
 
-from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
+from torchtune_blah.checkpointing import atomic_json, atomic_text
+from torchtune_blah.run_dir import CALIBRATION_FILE, RunDir
 from torchtune_blah.eval.compare import load_rows
 from torchtune_blah.eval.report import comparison_table
 
@@ -92,10 +93,10 @@ def main(argv=None):
         if not any(run == name for _, run, _ in rows):
             continue
         run_dir = os.path.join(out, name)
-        if phase_complete(os.path.join(run_dir, "lora")):
+        if "lora" in RunDir(run_dir).finished_phases():
             print(f"{name}: already trained in {run_dir}", flush=True)
             continue
-        resume = ["resume_from_checkpoint=true"] if os.path.isfile(os.path.join(run_dir, "blah_config.yaml")) else []
+        resume = ["resume_from_checkpoint=true"] if RunDir(run_dir).is_run() else []
         seconds[f"train_{name}"] = tune_run("blah_qlora", args.config,
                                             [f"output_dir={run_dir}", *common_train, *extra, *resume], log_path)
 
@@ -120,7 +121,7 @@ def main(argv=None):
     table = comparison_table(load_rows([f"{name}={folder}" for name, folder in named]))
     calibrations = {}
     for title, run, stage in rows:
-        with open(os.path.join(out, f"val_{run}_{stage}", "calibration.json")) as f:
+        with open(os.path.join(out, f"val_{run}_{stage}", CALIBRATION_FILE)) as f:
             c = json.load(f)
         calibrations[title] = {"rule": c["rule"], "threshold": c["threshold"],
                                "validation_auroc": {r: v["auroc"] for r, v in c["rules"].items()}}

@@ -47,16 +47,17 @@ from torchtune_blah.eval.report import format_table, official_data, results_row,
 from torchtune_blah.eval.run import abstention_probe, answer_records, run_prompts
 from torchtune_blah.eval.stats import auroc, summary_statistics
 from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
+from torchtune_blah.model import load_run_model
 from torchtune_blah.pause import read_pause_embeddings
 from torchtune_blah.resumable import ResumableJsonl, check_settings, jsonl
+from torchtune_blah.run_dir import CALIBRATION_FILE, STAGING_DIR, RunDir
 
 log = utils.get_logger("INFO")
 
 
 def _run_config(cfg: DictConfig) -> DictConfig:
     """The blah_qlora config of run_dir, with the eval config's model/tokenizer/checkpointer on top."""
-    run_cfg = read_run_config(str(cfg.run_dir)) if cfg.get("run_dir") else OmegaConf.create({})
+    run_cfg = RunDir(cfg.run_dir).read_config() if cfg.get("run_dir") else OmegaConf.create({})
     for key in ("model", "tokenizer", "checkpointer"):
         if cfg.get(key) is not None:
             run_cfg[key] = cfg[key]
@@ -71,7 +72,7 @@ def _stage(cfg: DictConfig) -> str:
         if stage not in ("base", "latest"):
             raise ValueError(f"stage={stage} needs run_dir (a blah_qlora output_dir)")
         return "base"
-    return resolve_stage(str(cfg.run_dir), stage)
+    return RunDir(cfg.run_dir).resolve_stage(stage)
 
 
 class BlahEvalRecipe:
@@ -141,7 +142,7 @@ class BlahEvalRecipe:
         self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
         self._model, self._pause = load_run_model(
             self._run_cfg, str(self._cfg.get("run_dir") or ""), self._stage, self._device, self._dtype,
-            staging_dir=os.path.join(self._output_dir, f".checkpointer-rank{self._rank}"),
+            staging_dir=os.path.join(self._output_dir, f"{STAGING_DIR}-rank{self._rank}"),
             quantize_base=self._cfg.get("quantize_base"))
         self._stop_ids = stop_token_ids(self._tokenizer)
         self._probe = abstention_probe(self._tokenizer)
@@ -248,7 +249,7 @@ class BlahEvalRecipe:
                       validation={"source": str(data.get("source")), "split": str(data.get("split", "validation")),
                                   "articles": sorted({r.title for r in self._records if r.title})},
                       eval_dir=self._output_dir)
-        atomic_json(chosen, os.path.join(self._output_dir, "calibration.json"))
+        atomic_json(chosen, os.path.join(self._output_dir, CALIBRATION_FILE))
         if run_dir:
             path = calibration_path(str(run_dir), self._stage)
             os.makedirs(os.path.dirname(path), exist_ok=True)

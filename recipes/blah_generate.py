@@ -26,8 +26,9 @@ from torchtune_blah.eval.abstention import abstention_from_config
 from torchtune_blah.eval.metrics import official_prediction
 from torchtune_blah.eval.run import EXPLAIN_PROMPT, abstention_probe, explain_replies, generate_replies, run_prompts
 from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model, read_run_config, resolve_stage
+from torchtune_blah.model import load_run_model
 from torchtune_blah.resumable import ResumableJsonl, check_settings
+from torchtune_blah.run_dir import STAGING_DIR, RunDir
 
 log = utils.get_logger("INFO")
 OUTPUT_FILE = "generations.jsonl"
@@ -68,8 +69,8 @@ class BlahGenerateRecipe:
         check_config(cfg, GenerateConfig, "blah_generate")  # a misspelt key fails here, naming it
         self._cfg = cfg
         self._run_dir = str(cfg.run_dir)
-        self._run_cfg = read_run_config(self._run_dir)
-        self._stage = resolve_stage(self._run_dir, str(cfg.get("stage", "latest")))
+        self._run_cfg = RunDir(self._run_dir).read_config()
+        self._stage = RunDir(self._run_dir).resolve_stage(str(cfg.get("stage", "latest")))
         self._device = utils.get_device(device=cfg.get("device") or self._run_cfg.get("device", "cpu"))
         self._dtype = training.get_dtype(cfg.get("dtype") or self._run_cfg.get("dtype", "fp32"), device=self._device)
         self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))
@@ -97,7 +98,7 @@ class BlahGenerateRecipe:
         self._fmt = chat_format(self._tokenizer)
         self._model, self._pause = load_run_model(
             self._run_cfg, self._run_dir, self._stage, self._device, self._dtype,
-            staging_dir=os.path.join(self._output_dir, ".checkpointer"), quantize_base=self._cfg.get("quantize_base"))
+            staging_dir=os.path.join(self._output_dir, STAGING_DIR), quantize_base=self._cfg.get("quantize_base"))
         self._stop_ids = stop_token_ids(self._tokenizer)
         self._probe = abstention_probe(self._tokenizer)
         self._yes_no_probe = abstention_probe(self._tokenizer, "no", "yes") \

@@ -45,14 +45,7 @@ from torchtune.modules.peft import disable_adapter, get_merged_lora_ckpt
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from torchtune_blah.checkpointing import (
-    TRAINING_STATE_FILE,
-    atomic_write,
-    load_training_state,
-    mark_phase_complete,
-    phase_complete,
-    save_training_state,
-)
+from torchtune_blah.checkpointing import atomic_write, load_training_state, mark_phase_complete, save_training_state
 from torchtune_blah.eval.metrics import official_metrics, seed_metrics
 from torchtune_blah.eval.run import abstention_probe, answer_records
 from torchtune_blah.generation import stop_token_ids
@@ -66,6 +59,7 @@ from torchtune_blah.pause import (
     save_pause_embeddings,
 )
 from torchtune_blah.recipe_config import ConfigError, check_keys, check_qlora_config, init_from_stage
+from torchtune_blah.run_dir import RunDir, phase_complete
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -99,6 +93,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._pause = as_pause_tokens(cfg.get("pause_tokens"), self._tokenizer)
         self._phases = check_qlora_config(cfg, self._pause)
         self._output_dir = str(cfg.output_dir)
+        self._run = RunDir(self._output_dir)
         self._resume = bool(cfg.get("resume_from_checkpoint", False))
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and self._device.type == "cuda"
@@ -111,7 +106,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
     def _check_resume_world_size(self) -> None:
         """A checkpoint holds each process's data position and RNG: resume with as many processes."""
         for phase in self._phases:
-            path = os.path.join(self._output_dir, phase, TRAINING_STATE_FILE)
+            path = self._run.training_state_file(phase)
             if not os.path.isfile(path):
                 continue
             saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("world_size", 1)
@@ -132,13 +127,13 @@ class BlahQLoRARecipe(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         if self._is_rank_zero:
             os.makedirs(self._output_dir, exist_ok=True)
-            atomic_write(os.path.join(self._output_dir, "blah_config.yaml"), lambda tmp: OmegaConf.save(cfg, tmp))
+            atomic_write(self._run.config_path, lambda tmp: OmegaConf.save(cfg, tmp))
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
         # torchtune's checkpointer loads the base model; its output_dir is a staging
         # area from which the final artifacts are moved into output_dir/<phase>/.
-        self._staging_dir = os.path.join(self._output_dir, ".checkpointer")
+        self._staging_dir = self._run.staging_dir
         self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=self._staging_dir)
         base_state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model, self._pause_module = self._parallel.build_model(
@@ -180,15 +175,10 @@ class BlahQLoRARecipe(FTRecipeInterface):
         weights. A resumed run then overwrites both with its own training state."""
         if pause_module is not None:
             load_pause_embeddings(pause_module, stage_dir)
-        adapter_path = os.path.join(stage_dir, "adapter_model.pt")
+        previous, stage = RunDir(os.path.dirname(stage_dir)), os.path.basename(stage_dir)
         adapter = None
-        if os.path.isfile(adapter_path) and adapter_names:
-            adapter = torch.load(adapter_path, map_location="cpu", weights_only=True)
-            missing = set(adapter_names) - set(adapter)
-            unexpected = set(adapter) - set(adapter_names)
-            if missing or unexpected:
-                raise ValueError(f"init_from: {adapter_path} does not fit this model's LoRA layers: missing "
-                                 f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        if os.path.isfile(previous.adapter_file(stage)) and adapter_names:
+            adapter = previous.load_adapter(stage, adapter_names, key="init_from")
         self._info(f"init_from: starting from {stage_dir} (pause rows{' and adapter' if adapter else ''})")
         return adapter
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import demo_cfg, fast_overrides, read_disk_log
-from torchtune_blah.checkpointing import TRAINING_STATE_FILE
+from torchtune_blah.run_dir import TRAINING_STATE_FILE
 from torchtune_blah.pause import read_pause_embeddings
 
 pytestmark = pytest.mark.slow  # two-process FSDP2 trainings: the full suite only (python -m pytest -q)

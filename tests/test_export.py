@@ -17,7 +17,8 @@ from torchtune_blah.data.chat import answer_prompt, tokenize_chat
 from torchtune_blah.data.squad import ANSWER_PREFIX, load_squad_records, squad_messages
 from torchtune_blah.export import ExportError, export_run, plan_export
 from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model, read_run_config
+from torchtune_blah.model import load_run_model
+from torchtune_blah.run_dir import RunDir
 
 pytestmark = pytest.mark.slow  # exports of trained tiny and SmolLM2 runs: the full suite only (python -m pytest -q)
 
@@ -28,7 +29,7 @@ def _export(run_dir, out, **kwargs):
 
 
 def _run_model(run_dir, stage, tmp_path, quantize_base=None):
-    run_cfg = read_run_config(run_dir)
+    run_cfg = RunDir(run_dir).read_config()
     model, pause = load_run_model(run_cfg, run_dir, stage, torch.device("cpu"), torch.float32,
                                   staging_dir=str(tmp_path / f".stage_{stage}"), quantize_base=quantize_base)
     return model, pause, config.instantiate(run_cfg.tokenizer)
@@ -63,7 +64,7 @@ def _check_export_answers_like_blah_eval(run_dir, export_dir, eval_config, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows, records = _eval_rows(run_dir, tmp_path / "eval", eval_config, n)
-    run_tokenizer = config.instantiate(read_run_config(run_dir).tokenizer)
+    run_tokenizer = config.instantiate(RunDir(run_dir).read_config().tokenizer)
     pause_ids = json.load(open(os.path.join(export_dir, "blah_prompt.json")))["pause_token_ids"]
     spec = json.load(open(os.path.join(export_dir, "blah_prompt.json")))
     hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()

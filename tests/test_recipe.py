@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torchao.dtypes.nf4tensor import NF4Tensor
 
 from conftest import demo_cfg, fast_overrides, read_disk_log
-from torchtune_blah.checkpointing import TRAINING_STATE_FILE
+from torchtune_blah.run_dir import TRAINING_STATE_FILE
 from torchtune_blah.pause import read_pause_embeddings
 from torchtune_blah.recipe_config import ConfigError
 from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe, TrainingStopped

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fast_overrides
-from torchtune_blah.checkpointing import TRAINING_STATE_FILE
+from torchtune_blah.run_dir import TRAINING_STATE_FILE
 from torchtune_blah.pause import read_pause_embeddings
 
 pytestmark = pytest.mark.slow  # trainings killed and resumed in subprocesses: the full suite only (python -m pytest -q)

@@ -5,10 +5,7 @@ name, flushed, fsynced, then renamed over it. A run killed at any moment leaves
 either the previous file or the new one, never half of one, so a resumed run
 never mistakes a torn file for a checkpoint.
 
-Layout of a phase directory (``output_dir/<phase>/``)::
-
-    checkpoint/training_state.pt   resumable state, rewritten every save_every_n_steps
-    phase_complete.json            written last: the phase finished, its artifacts are final
+The files' names and the run's layout are ``torchtune_blah.run_dir``'s.
 """
 
 import json
@@ -18,8 +15,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-TRAINING_STATE_FILE = os.path.join("checkpoint", "training_state.pt")
-PHASE_COMPLETE_FILE = "phase_complete.json"
+from torchtune_blah.run_dir import PHASE_COMPLETE_FILE, TRAINING_STATE_FILE
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
@@ -74,15 +70,6 @@ def load_training_state(phase_dir: str) -> Optional[Dict[str, Any]]:
     if not os.path.isfile(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def phase_complete(phase_dir: str) -> Optional[Dict[str, Any]]:
-    """The completion record of a finished phase, or None."""
-    path = os.path.join(phase_dir, PHASE_COMPLETE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def mark_phase_complete(phase_dir: str, record: Dict[str, Any]) -> str:

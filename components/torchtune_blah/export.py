@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from torchtune_blah.chat_format import ChatFormat, chat_format
-from torchtune_blah.checkpointing import atomic_json, atomic_text, phase_complete
+from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.data.squad import (
     ANSWER_PREFIX,
     MULTI_TURN_FIRST_PROMPT,
@@ -46,7 +46,7 @@ from torchtune_blah.data.squad import (
     load_squad_records,
     squad_messages,
 )
-from torchtune_blah.eval.abstention import CALIBRATION_FILE, calibration_path, load_calibration, run_fingerprint
+from torchtune_blah.eval.abstention import load_calibration, run_fingerprint
 from torchtune_blah.hf_tokenizer import (
     TokenizerExportError,
     add_pause_tokens,
@@ -55,8 +55,9 @@ from torchtune_blah.hf_tokenizer import (
     check_same_encoding,
     tokenizer_config,
 )
-from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, find_pause_embedding, \
-    pause_tokens_from_metadata, read_pause_embeddings
+from torchtune_blah.pause import PauseTokens, find_pause_embedding, pause_tokens_from_metadata, read_pause_embeddings
+from torchtune_blah.run_dir import (ADAPTER_CONFIG_FILE, CALIBRATION_FILE, CONFIG_FILE, PEFT_ADAPTER_FILE, STAGING_DIR,
+                                    RunDir, phase_complete)
 
 EXPORT_FORMATS = ("hf", "peft")
 PROMPT_FILE = "blah_prompt.json"
@@ -109,8 +110,6 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
     """Every check that needs no weights: a mistake costs seconds, not a model load."""
     from torchtune import config, training
 
-    from torchtune_blah.model import read_run_config, resolve_stage
-
     if format not in EXPORT_FORMATS:
         raise ExportError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     output_dir = str(output_dir)
@@ -118,15 +117,15 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
         raise ExportError(f"output_dir: {output_dir} exists and is not empty; choose a new folder "
                           "(an export never overwrites)")
     run_dir = str(run_dir)
-    run_cfg = read_run_config(run_dir)
-    stage = resolve_stage(run_dir, str(stage))
+    run = RunDir(run_dir)
+    run_cfg = run.read_config()
+    stage = run.resolve_stage(str(stage))
     if stage == "base":
         raise ExportError(f"stage=base: {run_dir} has no finished phase to export (the base model is "
                           f"{run_cfg.checkpointer.get('checkpoint_dir')})")
-    stage_dir = os.path.join(run_dir, stage)
     pause = None
-    if os.path.isfile(os.path.join(stage_dir, PAUSE_EMBEDDINGS_FILE)):
-        pause = pause_tokens_from_metadata(read_pause_embeddings(stage_dir)[1])
+    if run.has_pause_rows(stage):
+        pause = pause_tokens_from_metadata(read_pause_embeddings(run.stage_dir(stage))[1])
     if format == "peft" and pause is not None and pause.num and not pause.distinct:
         raise ExportError("format=peft: PEFT's trainable tokens need one row per pause id; this run repeats "
                           "one <blah> row (pause_tokens.distinct=false). Use format=hf.")
@@ -160,10 +159,9 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
             metrics.append((os.path.basename(os.path.normpath(str(directory))), json.load(f)))
 
     calibration = None
-    if os.path.isfile(calibration_path(run_dir, stage)):  # refused here if it belongs to other weights
+    if os.path.isfile(run.calibration_file(stage)):  # refused here if it belongs to other weights
         style = str((run_cfg.get("dataset") or {}).get("prompt_style", "single_turn"))
-        calibration = load_calibration(calibration_path(run_dir, stage), run_fingerprint(run_cfg, run_dir, stage),
-                                       style)
+        calibration = load_calibration(run.calibration_file(stage), run_fingerprint(run_cfg, run_dir, stage), style)
 
     torch_dtype = training.get_dtype(dtype or run_cfg.get("dtype", "fp32"), device=torch.device("cpu"))
     return ExportPlan(run_dir=run_dir, stage=stage, output_dir=output_dir, format=format, dtype=torch_dtype,
@@ -266,12 +264,13 @@ def peft_adapter(plan: ExportPlan) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
     saved (its torchtune-layout adapter, its adapter_config.json, its pause rows): no model load."""
     from torchtune.models.convert_weights import tune_to_peft_adapter_weights
 
-    stage_dir = os.path.join(plan.run_dir, plan.stage)
+    run = RunDir(plan.run_dir)
+    stage_dir = run.stage_dir(plan.stage)
     ids = list(plan.pause.ids) if plan.pause is not None and plan.pause.num else []
     rows = read_pause_embeddings(stage_dir)[0] if ids else None
     base = {"base_model_name_or_path": plan.base_dir, "task_type": "CAUSAL_LM", "inference_mode": True}
     if plan.stage == "lora":
-        adapter = torch.load(os.path.join(stage_dir, "adapter_model.pt"), map_location="cpu", weights_only=True)
+        adapter = torch.load(run.adapter_file(plan.stage), map_location="cpu", weights_only=True)
         shape = _attention_shape(plan.base_config)
         if plan.base_config["model_type"] == "qwen2":
             # torchtune's converter permutes q/k lora_b rows for Llama's rotary layout; Qwen2 has
@@ -285,8 +284,7 @@ def peft_adapter(plan: ExportPlan) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
             # the appended ids too (zero: the adapter adds nothing to the pause tokens' scores).
             for key in [k for k in tensors if ".lm_head.lora_B." in k]:
                 tensors[key] = torch.cat([tensors[key], tensors[key].new_zeros(len(ids), tensors[key].shape[1])])
-        with open(os.path.join(stage_dir, "adapter_config.json")) as f:
-            config = json.load(f)  # r, lora_alpha, PEFT target_modules, written by torchtune's checkpointer
+        config = run.adapter_config(plan.stage)  # r, lora_alpha, PEFT target_modules, from torchtune's checkpointer
         config.update(base, lora_dropout=0.0, bias="none", fan_in_fan_out=False)
         if ids:
             config["trainable_token_indices"] = {"embed_tokens": ids}
@@ -357,7 +355,7 @@ def _abstention_spec(plan: ExportPlan) -> Dict[str, Any]:
 def _training_summary(plan: ExportPlan) -> List[str]:
     lines = []
     for phase in ("embed", "lora"):
-        record = phase_complete(os.path.join(plan.run_dir, phase))
+        record = phase_complete(RunDir(plan.run_dir).stage_dir(phase))
         if record and (phase == "embed" or plan.stage == "lora"):
             lines.append(f"- `{phase}` phase: {record['steps']} steps, {record['trainable_parameters']:,} trainable "
                          "parameters")
@@ -435,7 +433,7 @@ def _write_common_files(plan: ExportPlan, folder: str) -> None:
     atomic_text(model_card(plan), os.path.join(folder, "README.md"))
     if plan.calibration is not None:
         atomic_json(plan.calibration, os.path.join(folder, CALIBRATION_FILE))
-    atomic_text(OmegaConf.to_yaml(plan.run_cfg), os.path.join(folder, "blah_config.yaml"))
+    atomic_text(OmegaConf.to_yaml(plan.run_cfg), os.path.join(folder, CONFIG_FILE))
 
 
 def _readable(folder: str) -> None:
@@ -460,7 +458,7 @@ def export_run(plan: ExportPlan) -> str:
         if plan.format == "hf":
             # NF4 stays as the run had it: the merge folds the adapter into the dequantized base it trained against.
             model, _ = load_run_model(plan.run_cfg, plan.run_dir, plan.stage, torch.device("cpu"), plan.dtype,
-                                      staging_dir=os.path.join(tmp, ".checkpointer"))
+                                      staging_dir=os.path.join(tmp, STAGING_DIR))
             state = merged_hf_state_dict(model, plan)
             del model
             write_safetensors_shards(state, tmp)
@@ -468,8 +466,8 @@ def export_run(plan: ExportPlan) -> str:
                         os.path.join(tmp, "config.json"))
         else:
             tensors, config = peft_adapter(plan)
-            save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-            atomic_json(config, os.path.join(tmp, "adapter_config.json"))
+            save_file(tensors, os.path.join(tmp, PEFT_ADAPTER_FILE), metadata={"format": "pt"})
+            atomic_json(config, os.path.join(tmp, ADAPTER_CONFIG_FILE))
         _write_common_files(plan, tmp)
         _readable(tmp)  # mkdtemp/mkstemp make private files; an export is for others to load
         if os.path.isdir(plan.output_dir):

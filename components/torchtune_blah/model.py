@@ -1,6 +1,5 @@
 """Building a pause-token model from a torchtune config: shared by training and evaluation."""
 
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -10,6 +9,7 @@ from torchtune import config, training
 from torchtune.modules.peft import get_adapter_params
 
 from torchtune_blah.pause import PauseEmbedding, PauseTokens, add_pause_embeddings
+from torchtune_blah.run_dir import STAGES, RunDir
 
 
 def build_model(
@@ -55,35 +55,6 @@ def lora_settings(model: nn.Module) -> Dict[str, Any]:
             "peft_type": "LORA"}
 
 
-STAGES = ("base", "embed", "lora")
-RUN_CONFIG_FILE = "blah_config.yaml"
-
-
-def read_run_config(run_dir: str) -> DictConfig:
-    """The resolved config a ``blah_qlora`` run saved in its output_dir."""
-    from omegaconf import OmegaConf
-
-    path = os.path.join(str(run_dir), RUN_CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"run_dir: {path} not found; run_dir must be a blah_qlora output_dir")
-    return OmegaConf.load(path)
-
-
-def resolve_stage(run_dir: str, stage: str) -> str:
-    """``latest`` -> the last finished phase (``base`` when none); a named stage must be finished."""
-    from torchtune_blah.checkpointing import phase_complete
-
-    finished = [s for s in ("embed", "lora") if phase_complete(os.path.join(str(run_dir), s))]
-    if stage == "latest":
-        return finished[-1] if finished else "base"
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES + ('latest',)}, got {stage!r}")
-    if stage != "base" and stage not in finished:
-        raise ValueError(f"stage={stage}: {run_dir}/{stage} holds no finished phase "
-                         f"(finished: {finished or 'none'})")
-    return stage
-
-
 def load_run_model(
     run_cfg: DictConfig,
     run_dir: str,
@@ -95,7 +66,7 @@ def load_run_model(
 ) -> Tuple[nn.Module, Optional[PauseTokens]]:
     """The model a ``blah_qlora`` run produced, ready for inference.
 
-    ``stage``: ``base`` (no pause tokens, no adapter: the seed's "base model" row),
+    ``stage``: ``base`` (no pause tokens, no adapter: the article's "base model" row),
     ``embed`` (base + the embed phase's pause rows) or ``lora`` (base + pause rows +
     adapter). What the run's artifacts say (pause ids, mode, count) comes from them,
     not from the config. ``quantize_base`` overrides the run's NF4 setting.
@@ -107,9 +78,10 @@ def load_run_model(
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    stage_dir = os.path.join(run_dir, stage)
+    run = RunDir(run_dir)
+    stage_dir = run.stage_dir(stage)
     pause = None
-    if stage != "base" and os.path.isfile(os.path.join(stage_dir, "pause_embeddings.safetensors")):
+    if run.has_pause_rows(stage):
         pause = pause_tokens_from_metadata(read_pause_embeddings(stage_dir)[1])
     cfg_model = run_cfg.model.copy()
     if quantize_base is not None and "quantize_base" in cfg_model:
@@ -123,13 +95,7 @@ def load_run_model(
         load_pause_embeddings(pause_module, stage_dir)
     adapter_names = adapter_parameter_names(model)
     if stage == "lora":
-        adapter = torch.load(os.path.join(stage_dir, "adapter_model.pt"), map_location=device, weights_only=True)
-        missing = set(adapter_names) - set(adapter)
-        unexpected = set(adapter) - set(adapter_names)
-        if missing or unexpected:
-            raise ValueError(f"{stage_dir}/adapter_model.pt does not fit the run's model: missing "
-                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        model.load_state_dict(adapter, strict=False)
+        model.load_state_dict(run.load_adapter(stage, adapter_names, device), strict=False)
     else:  # base / embed: the LoRA layers exist in the run's model but must not act
         for module in model.modules():
             if hasattr(module, "disabled") and callable(getattr(module, "adapter_params", None)):

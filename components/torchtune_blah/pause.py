@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchtune_blah.checkpointing import atomic_write
+from torchtune_blah.run_dir import PAUSE_EMBEDDINGS_FILE
 
 PAUSE_MODES = ("append", "reserved")
 INIT_METHODS = ("mean", "normal", "copy")
-PAUSE_EMBEDDINGS_FILE = "pause_embeddings.safetensors"
 PAUSE_PARAM = "tok_embeddings.pause_weight"  # the model's one pause parameter, by its state-dict name
 _TENSOR_KEY = "pause_embeddings"
 _FORMAT_VERSION = "1"

@@ -11,11 +11,10 @@ from typing import Optional
 
 from omegaconf import DictConfig, ListConfig
 
-from torchtune_blah.checkpointing import phase_complete
 from torchtune_blah.config_schema import ConfigError, QLoRAConfig, check_component_keys, check_config
 from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, read_pause_embeddings
+from torchtune_blah.run_dir import PHASE_COMPLETE_FILE, PHASES, RunDir, phase_complete
 
-PHASES = ("embed", "lora")
 __all__ = ["ConfigError", "check_keys", "check_qlora_config", "init_from_stage"]
 
 
@@ -93,11 +92,11 @@ def check_pause_file(path: str, pause: PauseTokens, dim: Optional[int], key: str
 
 def init_from_stage(run_dir: str) -> str:
     """The finished stage of a previous run that ``init_from`` starts from: its last finished phase."""
-    finished = [p for p in PHASES if phase_complete(os.path.join(run_dir, p))]
+    finished = RunDir(run_dir).finished_phases()
     if not finished:
-        raise ConfigError(f"init_from: {run_dir} has no finished phase (embed/ or lora/ with phase_complete.json); "
+        raise ConfigError(f"init_from: {run_dir} has no finished phase (embed/ or lora/ with {PHASE_COMPLETE_FILE}); "
                           "point it at a finished blah_qlora output_dir")
-    return os.path.join(run_dir, finished[-1])
+    return RunDir(run_dir).stage_dir(finished[-1])
 
 
 def check_init_from(cfg: DictConfig, pause: PauseTokens, dim: Optional[int]) -> Optional[str]:
@@ -108,17 +107,16 @@ def check_init_from(cfg: DictConfig, pause: PauseTokens, dim: Optional[int]) -> 
     if not run_dir:
         return None
     run_dir = str(run_dir)
-    if not os.path.isfile(os.path.join(run_dir, "blah_config.yaml")):
-        raise ConfigError(f"init_from: {run_dir}/blah_config.yaml not found; init_from must be a blah_qlora output_dir")
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise ConfigError(f"init_from: {run.config_path} not found; init_from must be a blah_qlora output_dir")
     if _is_inside(run_dir, str(cfg.output_dir)) or _is_inside(str(cfg.output_dir), run_dir):
         raise ConfigError("init_from must be another run's output_dir, not this run's")
     stage_dir = init_from_stage(run_dir)
     if pause.num:
         check_pause_file(stage_dir, pause, dim, key="init_from")
-    adapter_config = os.path.join(stage_dir, "adapter_config.json")
-    if os.path.isfile(adapter_config):
-        with open(adapter_config) as f:
-            adapter = json.load(f)
+    adapter = run.adapter_config(os.path.basename(stage_dir))
+    if adapter is not None:
         for key, model_key in (("r", "lora_rank"), ("lora_alpha", "lora_alpha")):
             if model_key in cfg.model and float(cfg.model[model_key]) != float(adapter[key]):
                 raise ConfigError(f"init_from: {stage_dir} has an adapter with {key}={adapter[key]} but "

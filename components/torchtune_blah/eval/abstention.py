@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from torchtune_blah.data.squad import NO_ANSWER
 from torchtune_blah.eval.metrics import score_example
 from torchtune_blah.eval.stats import auroc
+from torchtune_blah.run_dir import RunDir
 
 SCORE_RULES = ("p_abstain", "abstain_vs_span", "p_no")
-CALIBRATION_FILE = "calibration.json"
 METRIC_KEYS = {"exact": "official_exact", "f1": "official_f1"}
 
 
@@ -145,11 +145,9 @@ def _sha256(path: str) -> str:
 def run_fingerprint(run_cfg: Mapping[str, Any], run_dir: str, stage: str) -> Dict[str, str]:
     """What a calibration belongs to: the stage's trained files (pause rows, adapter) or, for the
     base model, the checkpoint files' names and sizes; and the tokenizer file."""
-    stage_dir = os.path.join(run_dir, stage)
-    trained = [n for n in ("pause_embeddings.safetensors", "adapter_model.pt")
-               if stage != "base" and os.path.isfile(os.path.join(stage_dir, n))]
+    trained = RunDir(run_dir).trained_files(stage) if stage != "base" else []
     if trained:
-        weights = hashlib.sha256("".join(_sha256(os.path.join(stage_dir, n)) for n in trained).encode()).hexdigest()
+        weights = hashlib.sha256("".join(_sha256(p) for p in trained).encode()).hexdigest()
     else:
         ckpt = run_cfg["checkpointer"]
         files = [str(f) for f in ckpt.get("checkpoint_files", [])]
@@ -164,7 +162,7 @@ def run_fingerprint(run_cfg: Mapping[str, Any], run_dir: str, stage: str) -> Dic
 
 def calibration_path(run_dir: str, stage: str) -> str:
     """Where a run keeps the calibration of one stage: ``<run_dir>/<stage>/calibration.json``."""
-    return os.path.join(str(run_dir), stage, CALIBRATION_FILE)
+    return RunDir(run_dir).calibration_file(stage)
 
 
 def load_calibration(path: str, fingerprint: Mapping[str, str], prompt_style: str) -> Dict[str, Any]:

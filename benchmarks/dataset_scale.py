@@ -1,4 +1,4 @@
-"""What building the training dataset costs at the seed's scale (130,319 SQuAD 2.0 training questions).
+"""What building the training dataset costs at llama-squad's scale (130,319 SQuAD 2.0 training questions).
 
     python benchmarks/dataset_scale.py                      # tiny tokenizer, 130,319 questions
     python benchmarks/dataset_scale.py --questions 20000

@@ -1,10 +1,10 @@
-"""Evaluation speed: batched + KV cache + stop rule vs the seed's one question at a time.
+"""Evaluation speed: batched + KV cache + stop rule vs llama-squad's one question at a time.
 
     python benchmarks/eval_speed.py --run-dir /tmp/torchtune-blah/demo [--questions 64] [--batch-size 16]
 
 Runs a trained blah_qlora run's model (the CPU demo's, by default) over the same
 questions twice: (1) our way, left-padded batches through torchtune's KV cache,
-greedy, stopping each row at its first "}" token; (2) the seed's way, one question
+greedy, stopping each row at its first "}" token; (2) llama-squad's way, one question
 at a time, recomputing the whole sequence for every new token (no cache), with the
 same stop rule. Prints examples/s of each, the ratio (target >= 5x), and checks that
 both ways give the same answers.

@@ -3,7 +3,7 @@
     python benchmarks/pause_embedding_overhead.py [--vocab 128256] [--dim 4096] [--tokens 4096] [--dtype bf16]
 
 Compares, on the same token batch (5 pause tokens per sequence, like training):
-  trainable  nn.Embedding(vocab + n) with a trainable table: the seed's way (extend the
+  trainable  nn.Embedding(vocab + n) with a trainable table: llama-squad's way (extend the
              table, train it); backward builds a dense vocab x dim gradient.
   frozen     nn.Embedding(vocab) frozen, the plain lookup a LoRA model does anyway
              (backward has nothing to do for it).

@@ -1,4 +1,4 @@
-# torchtune-blah: evaluate on SQuAD 2.0, the seed's way and the official way.
+# torchtune-blah: evaluate on SQuAD 2.0, llama-squad's way and the official way.
 #
 #   tune run blah_eval --config llama3_8b_blah_eval run_dir=/tmp/torchtune-blah/llama3_8b
 #
@@ -14,9 +14,9 @@
 #   predictions.json    {id: answer} for the official script ("" = abstain)
 #   na_probs.json       {id: P(abstain)} for the official script's best thresholds
 #   eval_data.json      the evaluated questions in the official format (the script's data file)
-#   metrics.json        the seed's five numbers + the official script's keys, the abstention rate,
+#   metrics.json        llama-squad's five numbers + the official script's keys, the abstention rate,
 #                       the AUROC of na_prob and 95% bootstrap intervals
-#   results.md          one row in the layout of the seed's results table (+ the same statistics)
+#   results.md          one row in the layout of llama-squad's results table (+ the same statistics)
 #   risk_coverage.png, na_prob_histogram.png   (with matplotlib, the `plots` extra)
 #   review_queue.jsonl  the least certain answers first, as training records to correct
 #   calibration.json    calibrate=true: the abstention rule and threshold chosen on these questions

@@ -13,7 +13,7 @@ ids." Two families are known, each from the tokenizer's special tokens:
 
       <|im_start|>{role}\\n{content}<|im_end|>\\n
 
-Contents are trimmed in every format, as the seed's Llama 3 template did (so the seed's
+Contents are trimmed in every format, as llama-squad's Llama 3 template did (so llama-squad's
 system prompt loses its trailing newline everywhere). Pause ids go right after the
 assistant header, and the reply after them is encoded on its own: the pause ids split the
 text exactly as special tokens split it in transformers' ``apply_chat_template``, so the

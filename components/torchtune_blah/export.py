@@ -1,5 +1,8 @@
 """A finished run as a standard Hugging Face model folder, or as a PEFT adapter.
 
+(Longer than our other modules on purpose: both formats share one plan, one set of checks and
+one atomic write, and splitting them would spread the export's guarantees over several files.)
+
 ``plan_export`` checks everything that can be checked without weights (stage, output folder,
 tokenizer, base config) and ``export_run`` then writes the folder into a temporary directory
 beside ``output_dir`` and renames it into place, so a crash never leaves half an export.

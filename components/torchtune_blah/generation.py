@@ -1,6 +1,6 @@
-"""Batched greedy decoding with a KV cache and the seed's stop rule.
+"""Batched greedy decoding with a KV cache and llama-squad's stop rule.
 
-The seed decodes one question at a time and stops after the first token whose
+llama-squad decodes one question at a time and stops after the first token whose
 text contains ``}`` (the end of the JSON answer). Here a batch of prompts is
 left-padded, pre-filled once into torchtune's KV cache, and decoded greedily,
 one token per step for the whole batch, until every row has stopped (at a
@@ -61,7 +61,7 @@ def greedy_generate(
     """Greedy continuations of ``prompts`` (lists of ids), batched with left padding.
 
     ``use_cache=False`` recomputes the whole sequence at each step, one prompt at a
-    time (the seed's way; kept for the benchmark and for checking the cache).
+    time (llama-squad's way; kept for the benchmark and for checking the cache).
     ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step`` (a
     tuple of ids: their summed probability); ``probe_mask=True`` also forbids those ids there
     and sums the log-probabilities (under the unmasked distribution) of the tokens written

@@ -1,11 +1,12 @@
 """Pause ("reasoning", ``<blah>``) tokens: learnable input embeddings placed between
-question and answer.
+question and answer. (The whole method's new part in one file, on purpose: spec, embedding
+module, files and logit masking are read together.)
 
 The method in three pieces:
 
 - ``PauseTokens`` says which token ids are pause tokens. ``mode="append"`` gives
-  them ids past the model's embedding table (``vocab_size .. vocab_size+n-1``, the
-  seed's way, works for any model); ``mode="reserved"`` reuses special tokens the
+  them ids past the model's embedding table (``vocab_size .. vocab_size+n-1``,
+  llama-squad's way, works for any model); ``mode="reserved"`` reuses special tokens the
   base model never trained (Llama 3's ``<|reserved_special_token_K|>``), so the
   vocabulary, tokenizer and exported checkpoints stay standard.
 - ``PauseEmbedding`` wraps a decoder's ``tok_embeddings``: the base table stays
@@ -92,9 +93,9 @@ def pause_tokens(
     """Build the pause-token spec (the ``pause_tokens`` block of our configs).
 
     Args:
-        num: pause tokens per assistant turn (the seed: 5). 0 disables the method
+        num: pause tokens per assistant turn (llama-squad: 5). 0 disables the method
             (plain answer-only SFT).
-        distinct: ``<blah_0>..<blah_{n-1}>`` (True, the seed's default) or one
+        distinct: ``<blah_0>..<blah_{n-1}>`` (True, llama-squad's default) or one
             ``<blah>`` repeated ``num`` times (False: one trainable row).
         mode: ``"append"``: ids ``vocab_size .. vocab_size+rows-1``, past the base
             table. ``"reserved"``: reuse the tokenizer's special tokens
@@ -264,7 +265,7 @@ def add_pause_embeddings(
         model: decoder with a ``tok_embeddings`` ``nn.Embedding``.
         pause: the spec from ``pause_tokens``; with ``num=0`` nothing changes.
         init: ``"mean"`` of the base rows (default), ``"normal"`` (std ``init_std``;
-            the seed's way) or ``"copy"`` the row of ``init_token``.
+            llama-squad's way) or ``"copy"`` the row of ``init_token``.
         init_token: id, special-token name or one-token text (with ``tokenizer``).
         table: the base table to initialise from, when the model's is not loaded yet
             (a model on the meta device, sharded later by FSDP2).

@@ -3,7 +3,7 @@
 The recipe instantiates ``lr_scheduler`` like torchtune's recipes do:
 ``instantiate(cfg, optimizer, num_training_steps=..., last_epoch=...)``, so
 torchtune's own ``get_cosine_schedule_with_warmup`` works too. These add what
-the seed used: a constant rate (phase 1) and cosine with 3% warm-up (phase 2),
+llama-squad used: a constant rate (phase 1) and cosine with 3% warm-up (phase 2),
 where the warm-up is a ratio because the number of steps depends on the data.
 """
 

@@ -130,7 +130,7 @@ def tiny_qlora_llama3(
     tie_word_embeddings: bool = False,
     **overrides,
 ):
-    """The tiny decoder with NF4 base weights and LoRA (default: every linear layer, as the seed).
+    """The tiny decoder with NF4 base weights and LoRA (default: every linear layer, as llama-squad).
     ``tie_word_embeddings``: built as Llama 3.2 (the output reads the embedding table; no LoRA on it)."""
     from torchtune.models.llama3._component_builders import lora_llama3
     from torchtune.models.llama3_2._component_builders import lora_llama3_2

@@ -2,7 +2,7 @@
 
 Each conversation is rendered by the tokenizer's chat format (``torchtune_blah.chat_format``:
 Llama 3 or ChatML), with the pause ids right after each assistant header. For Llama 3 that
-is the seed's token sequence::
+is llama-squad's token sequence::
 
     <|begin_of_text|>
     <|start_header_id|>system<|end_header_id|>\\n\\n {system} <|eot_id|>
@@ -16,7 +16,7 @@ and for ChatML (Qwen2.5, SmolLM2)::
 
 Pause tokens go in as ids (torchtune's tiktoken tokenizers would encode their
 text as plain text). The reply after them is encoded on its own and untrimmed,
-exactly as the seed's tokenizer saw it after its special tokens.
+exactly as llama-squad's tokenizer saw it after its special tokens.
 
 Labels follow torchtune's SFT convention (aligned with ``tokens``; recipes shift
 them): ``CROSS_ENTROPY_IGNORE_IDX`` everywhere except each assistant turn's reply
@@ -177,9 +177,9 @@ def squad_chat_dataset(
         split: hub split (``train`` / ``validation``).
         pause_tokens: the ``pause_tokens`` config block (``num``, ``distinct``,
             ``mode``, ``vocab_size``, ...), a ``PauseTokens``, or None for no pause.
-        prompt_style: ``single_turn`` or ``multi_turn`` (the seed's two variants).
+        prompt_style: ``single_turn`` or ``multi_turn`` (llama-squad's two variants).
         system_prompt, single_turn_prompt, multi_turn_first_prompt,
-            multi_turn_second_prompt: the seed's texts by default; ``{context}`` and
+            multi_turn_second_prompt: llama-squad's texts by default; ``{context}`` and
             ``{question}`` are filled in. ``system_prompt: null`` drops the system turn.
         max_seq_len: longer examples are skipped and counted; defaults to
             ``tokenizer.max_seq_len``.
@@ -187,7 +187,7 @@ def squad_chat_dataset(
         all_answers: add ``id`` and all gold ``answers`` to each sample (evaluation);
             the training target is always the first gold answer.
         holdout_fraction, holdout_seed: set aside this fraction of the records (a
-            seeded random choice; the seed held out 0.5% with seed 42) for validation
+            seeded random choice; llama-squad held out 0.5% with seed 42) for validation
             during training; ``part: train`` (default) gives the rest, ``part:
             holdout`` the held-out records.
         max_context_words: keep only questions whose context has at most this many

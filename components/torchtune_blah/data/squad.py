@@ -1,4 +1,7 @@
-"""SQuAD 2.0 records from any of three sources, and the seed's chat prompts.
+"""SQuAD 2.0 records from any of three sources, and the article's chat prompts (llama-squad's).
+
+(Over 350 lines because it holds every source's reader, the bundled slices and their article
+splits, and the prompt texts: one owner for "what a SQuAD question is".)
 
 Sources, all normalised to ``SquadRecord``:
 
@@ -23,8 +26,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torchtune_blah.resumable import read_jsonl_objects
 
-# The seed's prompts, byte for byte (../shared/seed/prompts.md). Message contents
-# are trimmed when tokenized, as the seed's chat template does, so the system
+# The article's prompts, byte for byte (../shared/article/prompts.md). Message contents
+# are trimmed when tokenized, as llama-squad's chat template does, so the system
 # prompt's trailing newline never reaches the model.
 SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
@@ -40,7 +43,7 @@ SINGLE_TURN_PROMPT = (
     "as follows:\n```json\n{\n  \"answer\": ...\n}\n```\nIf the answer is not in the context, the "
     "answer should be \"?\".\nContext: {context}\nQuestion: {question}"
 )
-# "the the" is in the seed (sic): kept so prompts match what its models saw.
+# "the the" is in llama-squad's prompt (sic): kept so prompts match what its models saw.
 MULTI_TURN_FIRST_PROMPT = (
     "Does the the following context contain enough information to be able to answer the question? "
     "Think step by step and explain your reasoning. Then give the answer in JSON format as follows:"
@@ -85,10 +88,10 @@ class ChatMessage:
 
 
 def answer_block(answer: str) -> str:
-    """The assistant's reply after the pause tokens: the seed's JSON block.
+    """The assistant's reply after the pause tokens: llama-squad's JSON block.
 
-    The answer is JSON-encoded with non-ASCII characters kept as they are (the
-    seed escaped them as ``\\u00e9``; same parsed value, fewer tokens).
+    The answer is JSON-encoded with non-ASCII characters kept as they are
+    (llama-squad escaped them as ``\\u00e9``; same parsed value, fewer tokens).
     """
     return ANSWER_PREFIX + '\n{\n  "answer": ' + json.dumps(answer, ensure_ascii=False) + "\n}\n```"
 
@@ -112,7 +115,7 @@ def squad_messages(
     multi_turn_second_prompt: str = MULTI_TURN_SECOND_PROMPT,
     answer: Optional[str] = None,
 ) -> List[ChatMessage]:
-    """The seed's conversation for one record; assistant turns hold ``answer_block`` text.
+    """The article's conversation for one record; assistant turns hold ``answer_block`` text.
 
     ``answer`` defaults to the record's first gold answer (``"?"`` when none). The
     two-turn style first asks whether the context answers the question ("yes" /

@@ -1,4 +1,4 @@
-"""Evaluation: answer extraction, the seed's metrics and the official SQuAD 2.0 metrics."""
+"""Evaluation: answer extraction, llama-squad's metrics and the official SQuAD 2.0 metrics."""
 
 from torchtune_blah.eval.metrics import (
     INVALID_PREDICTION,

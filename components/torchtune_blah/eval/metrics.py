@@ -1,4 +1,4 @@
-"""The seed's five numbers and the official SQuAD 2.0 metrics.
+"""The article's five numbers and the official SQuAD 2.0 metrics.
 
 Seed (teticio/llama-squad): exact match is a strict string comparison of the
 parsed answer with any gold answer, ``"?"`` standing for "no answer"; invalid
@@ -57,7 +57,7 @@ def official_prediction(answer: Optional[str]) -> str:
 
 
 def score_example(answers: Sequence[str], model_answer: Optional[str]) -> Dict[str, float]:
-    """Per-question scores: the seed's strict EM and the official EM / F1."""
+    """Per-question scores: llama-squad's strict EM and the official EM / F1."""
     seed_golds = list(answers) or [NO_ANSWER]
     prediction = official_prediction(model_answer)
     official_golds = [a for a in answers if normalize_answer(a)] or [""]
@@ -74,7 +74,7 @@ def _percent(numerator: float, denominator: int) -> float:
 
 
 def seed_metrics(rows: Iterable[Mapping]) -> Dict[str, float]:
-    """The seed's table: rows carry ``has_answer``, ``valid_json``, ``seed_exact``."""
+    """The article's table: rows carry ``has_answer``, ``valid_json``, ``seed_exact``."""
     rows = list(rows)
     valid = [r for r in rows if r["valid_json"]]
     no_answer = [r for r in rows if not r["has_answer"]]

@@ -1,4 +1,4 @@
-"""Reading the answer out of the model's reply, leniently, as the seed did (JSON5)."""
+"""Reading the answer out of the model's reply, leniently, as llama-squad did (JSON5)."""
 
 from typing import Optional
 

@@ -1,4 +1,4 @@
-"""What people read: the metrics table, the seed-style results row, the review queue."""
+"""What people read: the metrics table, the article-style results row, the review queue."""
 
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -37,7 +37,7 @@ def trust_cells(summary: Mapping[str, Any], official: Mapping[str, Any]) -> List
 
 def results_row(name: str, seed: Mapping[str, float], summary: Optional[Mapping[str, Any]] = None,
                 official: Optional[Mapping[str, Any]] = None) -> str:
-    """Header and one row in the layout of the seed's results table (markdown), then, given the
+    """Header and one row in the layout of llama-squad's results table (markdown), then, given the
     summary statistics, the official EM with its interval, the abstention rate and the AUROC."""
     header = "| Model | " + " | ".join(title for _, title in SEED_COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(SEED_COLUMNS)
@@ -56,7 +56,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     if rule:
         lines.append("  abstention: " + ("greedy (the article's rule)" if rule["threshold"] is None else
                                          f"abstain when {rule['rule']} > {rule['threshold']:.4f} ({rule['source']})"))
-    lines.append("  the seed's metrics:")
+    lines.append("  llama-squad's metrics:")
     lines += [f"    {title:<28} {metrics['seed'][key]:7.2f}" for key, title in SEED_COLUMNS]
     lines.append("  official SQuAD 2.0 metrics:")
     lines.append("    (best_*: the official script's thresholds, chosen on these very questions: an oracle)")

@@ -1,4 +1,4 @@
-"""Answering SQuAD questions with a model, the seed's protocol, in batches.
+"""Answering SQuAD questions with a model, llama-squad's protocol, in batches.
 
 One call answers a batch of records: prompts forced through the pause ids and
 ``"\\n```json"``, greedy decoding until a ``}`` token, the answer parsed from the
@@ -66,7 +66,7 @@ def abstention_probe(tokenizer: Any, value: str = NO_ANSWER, other: str = "Norma
     forced = fmt.encode(ANSWER_PREFIX)
     abstain, answer = fmt.encode(answer_block(value)), fmt.encode(answer_block(other))
     if abstain[: len(forced)] != forced or answer[: len(forced)] != forced:
-        raise ValueError("this tokenizer merges the forced prefix '\\n```json' with what follows it; the seed's "
+        raise ValueError("this tokenizer merges the forced prefix '\\n```json' with what follows it; llama-squad's "
                          "forced-prefix protocol needs it to be a token prefix of every reply")
     k = next(i for i, (a, b) in enumerate(zip(abstain, answer)) if a != b)
     first, rest = fmt.decode([abstain[k]]), fmt.decode(abstain[k:])
@@ -228,7 +228,7 @@ def explain_replies(
     prompts: Optional[Dict[str, Any]] = None,
     on_token: Optional[Callable[[int, int], None]] = None,
 ) -> List[str]:
-    """The follow-up turn of the seed's chat app: after its answer, the model is asked
+    """The follow-up turn of llama-squad's chat app: after its answer, the model is asked
     ``explain_prompt`` and answers in free text (until its end of turn)."""
     fmt = chat_format(tokenizer)
     pause = pause if pause is not None and pause.num else None

@@ -124,7 +124,7 @@ class EvalConfig:  # blah_eval
     calibrate: bool = False
     calibrate_metric: str = "exact"
     calibration_file: Optional[str] = None
-    review_queue_size: int = 20
+    review_queue_size: Optional[int] = 20  # null: every question
     model_name: Optional[str] = None
     device: str = "cuda"
     dtype: str = "bf16"

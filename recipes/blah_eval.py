@@ -41,7 +41,7 @@ from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.config_schema import EvalConfig, check_config
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config, apply_rule, calibrate,
-                                            calibration_path, check_calibration_rows, run_fingerprint)
+                                            check_calibration_rows, run_fingerprint)
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
 from torchtune_blah.eval.run import abstention_probe, answer_records, run_prompts
@@ -251,7 +251,7 @@ class BlahEvalRecipe:
                       eval_dir=self._output_dir)
         atomic_json(chosen, os.path.join(self._output_dir, CALIBRATION_FILE))
         if run_dir:
-            path = calibration_path(str(run_dir), self._stage)
+            path = RunDir(run_dir).calibration_file(self._stage)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_json(chosen, path)
             log.info(f"calibration: {chosen['rule']} > {chosen['threshold']:.4f} abstains; written to {path}")

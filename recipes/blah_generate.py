@@ -69,8 +69,9 @@ class BlahGenerateRecipe:
         check_config(cfg, GenerateConfig, "blah_generate")  # a misspelt key fails here, naming it
         self._cfg = cfg
         self._run_dir = str(cfg.run_dir)
-        self._run_cfg = RunDir(self._run_dir).read_config()
-        self._stage = RunDir(self._run_dir).resolve_stage(str(cfg.get("stage", "latest")))
+        run = RunDir(self._run_dir)
+        self._run_cfg = run.read_config()
+        self._stage = run.resolve_stage(str(cfg.get("stage", "latest")))
         self._device = utils.get_device(device=cfg.get("device") or self._run_cfg.get("device", "cpu"))
         self._dtype = training.get_dtype(cfg.get("dtype") or self._run_cfg.get("dtype", "fp32"), device=self._device)
         self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))

@@ -92,11 +92,12 @@ def check_pause_file(path: str, pause: PauseTokens, dim: Optional[int], key: str
 
 def init_from_stage(run_dir: str) -> str:
     """The finished stage of a previous run that ``init_from`` starts from: its last finished phase."""
-    finished = RunDir(run_dir).finished_phases()
+    run = RunDir(run_dir)
+    finished = run.finished_phases()
     if not finished:
         raise ConfigError(f"init_from: {run_dir} has no finished phase (embed/ or lora/ with {PHASE_COMPLETE_FILE}); "
                           "point it at a finished blah_qlora output_dir")
-    return RunDir(run_dir).stage_dir(finished[-1])
+    return run.stage_dir(finished[-1])
 
 
 def check_init_from(cfg: DictConfig, pause: PauseTokens, dim: Optional[int]) -> Optional[str]:

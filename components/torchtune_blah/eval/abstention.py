@@ -160,11 +160,6 @@ def run_fingerprint(run_cfg: Mapping[str, Any], run_dir: str, stage: str) -> Dic
     return {"stage": stage, "weights_sha256": weights, "tokenizer_sha256": tokenizer}
 
 
-def calibration_path(run_dir: str, stage: str) -> str:
-    """Where a run keeps the calibration of one stage: ``<run_dir>/<stage>/calibration.json``."""
-    return RunDir(run_dir).calibration_file(stage)
-
-
 def load_calibration(path: str, fingerprint: Mapping[str, str], prompt_style: str) -> Dict[str, Any]:
     """Read a calibration file and refuse one made for other weights, tokenizer or prompt style."""
     if not os.path.isfile(path):
@@ -220,7 +215,7 @@ def abstention_from_config(cfg: Mapping[str, Any], run_cfg: Mapping[str, Any], r
         if cfg.get("abstain_score") is not None:
             raise ValueError("abstain_score: with abstain_threshold=calibrated the rule comes from the calibration "
                              "file; drop abstain_score")
-        path = cfg.get("calibration_file") or (calibration_path(run_dir, stage) if run_dir else None)
+        path = cfg.get("calibration_file") or (RunDir(run_dir).calibration_file(stage) if run_dir else None)
         if path is None:
             raise ValueError("abstain_threshold=calibrated needs run_dir (its <stage>/calibration.json) or "
                              "calibration_file")

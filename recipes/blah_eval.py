@@ -30,25 +30,22 @@
 import os
 import random
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
-from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.config_schema import EvalConfig, check_config
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config, apply_rule, calibrate,
                                             check_calibration_rows, run_fingerprint)
-from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, seed_metrics
+from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, llama_squad_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
-from torchtune_blah.eval.run import abstention_probe, answer_records, run_prompts
+from torchtune_blah.eval.run import Answerer, answer_into, run_prompts
 from torchtune_blah.eval.stats import auroc, summary_statistics
-from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model
 from torchtune_blah.pause import read_pause_embeddings
+from torchtune_blah.prediction import upgrade_row
 from torchtune_blah.resumable import ResumableJsonl, check_settings, jsonl
 from torchtune_blah.run_dir import CALIBRATION_FILE, STAGING_DIR, RunDir
 
@@ -119,6 +116,7 @@ class BlahEvalRecipe:
                           "ids": [r.id for r in self._records]}
         if self._abstention is not None:  # (absent for greedy, so older evaluations still resume)
             self._settings["abstention"] = self._abstention
+        self._run_fields = {"run_dir": str(cfg.get("run_dir") or ""), "stage": self._stage}
 
     def _check_pause_settings(self, cfg: DictConfig) -> None:
         """The pause tokens come from the run's artifacts; a config that names others is a mistake."""
@@ -139,16 +137,14 @@ class BlahEvalRecipe:
         _barrier(self._world_size)  # every rank has checked before rank 0 writes
         if self._rank == 0:
             atomic_json(self._settings, settings_path)
-        self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
-        self._model, self._pause = load_run_model(
+        abstention = (self._abstention["rule"], self._abstention["threshold"]) if self._abstention else None
+        self._answerer = Answerer.load(
             self._run_cfg, str(self._cfg.get("run_dir") or ""), self._stage, self._device, self._dtype,
             staging_dir=os.path.join(self._output_dir, f"{STAGING_DIR}-rank{self._rank}"),
-            quantize_base=self._cfg.get("quantize_base"))
-        self._stop_ids = stop_token_ids(self._tokenizer)
-        self._probe = abstention_probe(self._tokenizer)
-        self._yes_no_probe = abstention_probe(self._tokenizer, "no", "yes") \
-            if self._prompt_style == "multi_turn" else None
-        pause_text = f"{self._pause.num} pause tokens ({self._pause.mode})" if self._pause else "no pause tokens"
+            quantize_base=self._cfg.get("quantize_base"), prompt_style=self._prompt_style, prompts=self._prompts,
+            max_new_tokens=self._settings["max_new_tokens"], abstention=abstention)
+        self._pause = self._answerer.pause
+        pause_text = f"{self._pause.num} pause tokens ({self._pause.mode})" if self._pause.num else "no pause tokens"
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
                  f"{len(self._records)} questions")
 
@@ -157,30 +153,18 @@ class BlahEvalRecipe:
             f"predictions.rank{rank}-of-{self._world_size}.jsonl"
         return os.path.join(self._output_dir, name)
 
+    def _output(self, rank: int) -> ResumableJsonl:
+        """This rank's predictions file; rows of an earlier version's file are read in today's shape."""
+        return ResumableJsonl(self._predictions_path(rank), self._records, self._batch_size,
+                              shard=(rank, self._world_size),
+                              upgrade=lambda row, record: upgrade_row(row, record, self._run_fields))
+
     def evaluate(self) -> Optional[Dict[str, Any]]:
         """Answer every question (this rank's share of the batches), then, on rank 0, merge and score."""
-        path = self._predictions_path(self._rank)
-        output = ResumableJsonl(path, self._records, self._batch_size, shard=(self._rank, self._world_size))
-        if output.done:
-            log.info(f"Resuming: {len(output.done)} questions already answered in {path}")
-        pbar = tqdm(total=len(output.items), initial=len(output.done), unit="ex", dynamic_ncols=True,
-                    disable=self._rank != 0)
-        start = time.perf_counter()
-        answered = 0
-        with output.open_append() as out:
-            for batch in output.todo():
-                rows = answer_records(self._model, self._tokenizer, batch, self._pause,
-                                      prompt_style=self._prompt_style, stop_ids=self._stop_ids, probe=self._probe,
-                                      max_new_tokens=self._settings["max_new_tokens"], prompts=self._prompts,
-                                      abstention=(self._abstention["rule"], self._abstention["threshold"])
-                                      if self._abstention else None, yes_no_probe=self._yes_no_probe)
-                output.append(out, rows)
-                answered += len(rows)
-                pbar.update(len(rows))
-                pbar.set_postfix(ex_per_s=f"{answered / (time.perf_counter() - start):.2f}")
-        pbar.close()
+        output = self._output(self._rank)
+        rows = answer_into(output, lambda batch: self._answerer.answer(batch, scored=True), show=self._rank == 0)
         if self._world_size == 1:
-            return self._write_results(output.rows())
+            return self._write_results(rows)
         _barrier(self._world_size)
         if self._rank != 0:
             return None
@@ -188,8 +172,7 @@ class BlahEvalRecipe:
         # rows a single process writes, so the merged files are the same, byte for byte.
         rows = {}
         for rank in range(self._world_size):
-            shard = ResumableJsonl(self._predictions_path(rank), self._records, self._batch_size,
-                                   shard=(rank, self._world_size))
+            shard = self._output(rank)
             if not shard.complete():
                 raise RuntimeError(f"{shard.path} is incomplete after every rank finished")
             rows.update(shard.done)
@@ -204,9 +187,9 @@ class BlahEvalRecipe:
             rows, abstention = self._write_calibration(rows)
         metrics = {
             "stage": self._stage, "run_dir": self._settings["run_dir"], "prompt_style": self._prompt_style,
-            "num_pause_tokens": self._pause.num if self._pause else 0,
+            "num_pause_tokens": self._pause.num,
             "abstention": abstention or {"rule": "greedy", "threshold": None, "source": "the article's rule"},
-            "seed": seed_metrics(rows),
+            "llama_squad": llama_squad_metrics(rows),
             # best_exact / best_f1 (+ _thresh): the official script's, thresholds chosen on these very
             # questions, an oracle, never the result.
             "official": {**official_metrics(rows), **official_best_thresholds(rows)},
@@ -219,7 +202,7 @@ class BlahEvalRecipe:
             if rows and all("greedy_answer" in r for r in rows):
                 greedy = apply_rule(rows, "p_abstain", None)
                 # What greedy decoding answers, read off the same pass ("?" where it was the argmax).
-                metrics["greedy_same_pass"] = {"seed": seed_metrics(greedy), "official": official_metrics(greedy),
+                metrics["greedy_same_pass"] = {"llama_squad": llama_squad_metrics(greedy), "official": official_metrics(greedy),
                                                "summary": summary_statistics(greedy)}
         atomic_json(metrics, os.path.join(out, "metrics.json"))
         atomic_json({r["id"]: r["prediction"] for r in rows}, os.path.join(out, "predictions.json"))
@@ -228,12 +211,11 @@ class BlahEvalRecipe:
         # exactly this set (it expects a prediction for every question of its data file).
         atomic_json(official_data(self._records), os.path.join(out, "eval_data.json"))
         name = self._cfg.get("model_name") or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
-        atomic_text(results_row(name, metrics["seed"], metrics["summary"], metrics["official"]),
+        atomic_text(results_row(name, metrics["llama_squad"], metrics["summary"], metrics["official"]),
                     os.path.join(out, "results.md"))
         self._write_plots(rows, name)
-        records = {r.id: r for r in self._records}
         threshold = abstention["threshold"] if abstention else 0.5
-        queue = review_queue(rows, records, limit=self._cfg.get("review_queue_size"), threshold=threshold)
+        queue = review_queue(rows, limit=self._cfg.get("review_queue_size"), threshold=threshold)
         atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics

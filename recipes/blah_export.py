@@ -23,7 +23,7 @@ def recipe_main(cfg: DictConfig) -> None:
     check_config(cfg, ExportConfig, "blah_export")  # a misspelt key fails here, naming it
     plan = plan_export(cfg.run_dir, cfg.output_dir, stage=cfg.get("stage", "latest"), format=cfg.get("format", "hf"),
                        dtype=cfg.get("dtype"), eval_dirs=list(cfg.get("eval_dirs") or []))
-    pause = f"{plan.pause.num} pause tokens ({plan.pause.mode})" if plan.pause else "no pause tokens"
+    pause = f"{plan.pause.num} pause tokens ({plan.pause.mode})" if plan.pause.num else "no pause tokens"
     log.info(f"blah_export: {plan.run_dir} stage {plan.stage} ({pause}) -> {plan.output_dir} as {plan.format}, "
              f"{plan.dtype}; tokenizer from {plan.tokenizer_source}")
     export_run(plan)

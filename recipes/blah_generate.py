@@ -12,7 +12,7 @@
 
 import os
 import sys
-from typing import Any, Dict, List
+from typing import List
 
 from omegaconf import DictConfig
 from torchtune import config, training, utils
@@ -23,10 +23,8 @@ from torchtune_blah.checkpointing import atomic_json
 from torchtune_blah.config_schema import GenerateConfig, check_config
 from torchtune_blah.data.squad import ANSWER_PREFIX, SquadRecord, load_questions_jsonl, question_id
 from torchtune_blah.eval.abstention import abstention_from_config
-from torchtune_blah.eval.metrics import official_prediction
-from torchtune_blah.eval.run import EXPLAIN_PROMPT, abstention_probe, explain_replies, generate_replies, run_prompts
-from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model
+from torchtune_blah.eval.run import EXPLAIN_PROMPT, Answerer, answer_into, run_prompts
+from torchtune_blah.prediction import Prediction, upgrade_row
 from torchtune_blah.resumable import ResumableJsonl, check_settings
 from torchtune_blah.run_dir import STAGING_DIR, RunDir
 
@@ -95,71 +93,44 @@ class BlahGenerateRecipe:
         path = os.path.join(self._output_dir, "generate_settings.json")
         check_settings(path, self._settings, "answers made")
         atomic_json(self._settings, path)
-        self._tokenizer = config.instantiate(self._run_cfg.tokenizer)
-        self._fmt = chat_format(self._tokenizer)
-        self._model, self._pause = load_run_model(
+        abstention = (self._abstention["rule"], self._abstention["threshold"]) if self._abstention else None
+        self._answerer = Answerer.load(
             self._run_cfg, self._run_dir, self._stage, self._device, self._dtype,
-            staging_dir=os.path.join(self._output_dir, STAGING_DIR), quantize_base=self._cfg.get("quantize_base"))
-        self._stop_ids = stop_token_ids(self._tokenizer)
-        self._probe = abstention_probe(self._tokenizer)
-        self._yes_no_probe = abstention_probe(self._tokenizer, "no", "yes") \
-            if self._prompt_style == "multi_turn" else None
+            staging_dir=os.path.join(self._output_dir, STAGING_DIR), quantize_base=self._cfg.get("quantize_base"),
+            prompt_style=self._prompt_style, prompts=self._prompts, max_new_tokens=self._settings["max_new_tokens"],
+            abstention=abstention)
+        self._fmt = chat_format(self._answerer.tokenizer)
 
-    def _answer(self, batch: List[SquadRecord]) -> List[Dict[str, Any]]:
+    def _answer(self, batch: List[SquadRecord]) -> List[Prediction]:
         settings = self._settings
         if self._stream:
             print(f"\nQuestion: {batch[0].question}\nReply: {ANSWER_PREFIX}", end="", flush=True)
-        replies = generate_replies(self._model, self._tokenizer, batch, self._pause, prompt_style=self._prompt_style,
-                                   stop_ids=self._stop_ids, probe=self._probe,
-                                   max_new_tokens=settings["max_new_tokens"], prompts=self._prompts,
-                                   on_token=_Streamer(self._fmt) if self._stream else None,
-                                   abstention=(self._abstention["rule"], self._abstention["threshold"])
-                                   if self._abstention else None, yes_no_probe=self._yes_no_probe)
-        explanations = [None] * len(batch)
+        replies = self._answerer.replies(batch, on_token=_Streamer(self._fmt) if self._stream else None)
+        rows = self._answerer.rows(batch, replies, scored=False)
         if settings["explain"]:
             if self._stream:
                 print(f"\n\n{settings['explain_prompt']}\n", end="", flush=True)
-            explanations = explain_replies(self._model, self._tokenizer, batch, replies, self._pause,
-                                           prompt_style=self._prompt_style, explain_prompt=settings["explain_prompt"],
-                                           max_new_tokens=settings["max_explain_tokens"], prompts=self._prompts,
-                                           on_token=_Streamer(self._fmt) if self._stream else None)
-        rows = []
-        for record, reply, explanation in zip(batch, replies, explanations):
-            row = {"id": record.id, "title": record.title, "context": record.context, "question": record.question,
-                   "answer": reply.answer, "prediction": official_prediction(reply.answer), "na_prob": reply.na_prob,
-                   "raw_output": reply.text, "run_dir": self._run_dir, "stage": self._stage}
-            if reply.first_turn is not None:
-                row["first_turn_output"] = reply.first_turn
-            if reply.scores is not None:  # the threshold rule: the span it would give, and every score
-                row.update(span_answer=reply.span_answer, abstain_scores=reply.scores)
-            if explanation is not None:
+            explanations = self._answerer.explain(batch, replies, explain_prompt=settings["explain_prompt"],
+                                                  max_new_tokens=settings["max_explain_tokens"],
+                                                  on_token=_Streamer(self._fmt) if self._stream else None)
+            for row, explanation in zip(rows, explanations):
                 row["explanation"] = explanation
-            rows.append(row)
-            if self._stream:
-                print(f"\n\nAnswer: {reply.answer!r}   P(no answer in the context) = {reply.na_prob:.3f}")
+        if self._stream:
+            print(f"\n\nAnswer: {rows[0]['model_answer']!r}   P(no answer in the context) = {rows[0]['na_prob']:.3f}")
         return rows
 
-    def generate(self) -> List[Dict[str, Any]]:
-        path = os.path.join(self._output_dir, OUTPUT_FILE)
-        output = ResumableJsonl(path, self._records, self._batch_size)
-        if output.done:
-            log.info(f"Resuming: {len(output.done)} questions already answered in {path}")
-        pbar = None if self._stream else tqdm(total=len(self._records), initial=len(output.done), unit="q",
-                                              dynamic_ncols=True)
-        with output.open_append() as out:
-            for batch in output.todo():
-                rows = self._answer(batch)
-                output.append(out, rows)
-                if pbar is not None:
-                    for row in rows:
-                        tqdm.write(f"{row['id']}: {row['answer']!r}  P(no answer)={row['na_prob']:.3f}  "
-                                   f"({row['question'][:60]})")
-                    pbar.update(len(rows))
-        if pbar is not None:
-            pbar.close()
-        rows = output.rows()
+    def generate(self) -> List[Prediction]:
+        output = ResumableJsonl(os.path.join(self._output_dir, OUTPUT_FILE), self._records, self._batch_size,
+                                upgrade=lambda row, record: upgrade_row(row, record, self._settings))
+
+        def show(rows: List[Prediction]) -> None:
+            for row in rows:
+                tqdm.write(f"{row['id']}: {row['model_answer']!r}  P(no answer)={row['na_prob']:.3f}  "
+                           f"({row['question'][:60]})")
+
+        rows = answer_into(output, self._answer, show=not self._stream, on_rows=None if self._stream else show)
         abstained = sum(r["prediction"] == "" for r in rows)
-        log.info(f"blah_generate: {len(rows)} answers ({abstained} 'not in the context') in {path}")
+        log.info(f"blah_generate: {len(rows)} answers ({abstained} 'not in the context') in {output.path}")
         return rows
 
 

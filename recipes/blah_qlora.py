@@ -46,9 +46,8 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_write, load_training_state, mark_phase_complete, save_training_state
-from torchtune_blah.eval.metrics import official_metrics, seed_metrics
-from torchtune_blah.eval.run import abstention_probe, answer_records
-from torchtune_blah.generation import stop_token_ids
+from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
+from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.model import adapter_parameter_names, lora_settings
 from torchtune_blah.parallel import SingleDevice
 from torchtune_blah.pause import (
@@ -189,9 +188,9 @@ class BlahQLoRARecipe(FTRecipeInterface):
             return
         held_out = config.instantiate(cfg.dataset, self._tokenizer, part="holdout", packed=False)
         self._val_records = held_out.records[: self._validation.get("max_examples") or None]
-        self._val_stop_ids = stop_token_ids(self._tokenizer)
-        self._val_probe = abstention_probe(self._tokenizer)
-        self._val_style = cfg.dataset.get("prompt_style", "single_turn")
+        style, prompts = run_prompts(cfg)  # the prompts the run trains with
+        self._val_answerer = Answerer(self._model, self._tokenizer, self._pause, prompt_style=style, prompts=prompts,
+                                      max_new_tokens=self._validation.get("max_new_tokens", 64))
         self._info(f"validation: {len(self._val_records)} held-out questions every "
                    f"{self._validation.every_n_steps} steps")
 
@@ -199,12 +198,12 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._model.eval()
         rows = self._answer_validation_records()
         self._model.train()
-        seed, official = seed_metrics(rows), official_metrics(rows)
+        ours, official = llama_squad_metrics(rows), official_metrics(rows)
         self._log_metrics({
-            f"{phase}/val_exact_match": seed["pct_exact_match"], f"{phase}/val_valid_json": seed["pct_valid_json"],
+            f"{phase}/val_exact_match": ours["pct_exact_match"], f"{phase}/val_valid_json": ours["pct_valid_json"],
             f"{phase}/val_official_exact": official["exact"], f"{phase}/val_official_f1": official["f1"],
         }, step=step)
-        self._info(f"{phase} step {step}: validation exact match {seed['pct_exact_match']:.2f}% "
+        self._info(f"{phase} step {step}: validation exact match {ours['pct_exact_match']:.2f}% "
                    f"(official exact {official['exact']:.2f}, f1 {official['f1']:.2f})")
 
     def _answer_validation_records(self) -> list:
@@ -213,14 +212,8 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     def _answer(self, records: list) -> list:
         batch_size = self._validation.get("batch_size", 8)
-        rows = []
-        for i in range(0, len(records), batch_size):
-            rows += answer_records(
-                self._model, self._tokenizer, records[i:i + batch_size],
-                self._pause, prompt_style=self._val_style,
-                stop_ids=self._val_stop_ids, probe=self._val_probe,
-                max_new_tokens=self._validation.get("max_new_tokens", 64))
-        return rows
+        return [row for i in range(0, len(records), batch_size)
+                for row in self._val_answerer.answer(records[i:i + batch_size], scored=True)]
 
     def _dataloader(self, batch_size: int) -> StatefulDataLoader:
         # Every rank shuffles with the same seed and takes every world_size-th sample, so

@@ -39,7 +39,8 @@ def synthetic_generations(path, n, seed=0):
     with open(path, "w") as f:
         for r in records:
             answer = r.answers[0] if r.answers and rng.random() < 0.7 else "?"
-            f.write(json.dumps({"id": r.id, "context": r.context, "question": r.question, "answer": answer,
+            f.write(json.dumps({"id": r.id, "title": r.title, "context": r.context, "question": r.question,
+                                "model_answer": answer,
                                 "prediction": "" if answer == "?" else answer, "na_prob": rng.random(),
                                 "raw_output": f'\n```json\n{{\n  "answer": "{answer}"\n}}', "run_dir": "/runs/x",
                                 "stage": "lora"}) + "\n")

@@ -1,6 +1,6 @@
 """Our chat rendering equals transformers' apply_chat_template, for Llama 3, SmolLM2 and Qwen2.5.
 
-Pause tokens are spliced in the seed's way: transformers sees them as special tokens written at
+Pause tokens are spliced in llama-squad's way: transformers sees them as special tokens written at
 the start of the assistant's content (``<blah_0>..<blah_4>`` + reply), so the text is split at
 them exactly as our ids are. Tokenizer files of Llama 3 and Qwen2.5 cannot be had offline, so
 their published chat templates are paired with tokenizers we do have: Llama 3's with the tiny
@@ -36,7 +36,7 @@ def records():
 
 
 def _hf_messages(record, style, pause_text):
-    """The seed's messages as transformers takes them: trimmed contents (as the seed's Llama 3
+    """llama-squad's messages as transformers takes them: trimmed contents (as llama-squad's Llama 3
     template trimmed them), the pause tokens written before each assistant reply."""
     out = []
     for m in squad_messages(record, style):

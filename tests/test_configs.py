@@ -68,7 +68,7 @@ def test_training_config_resolves(name, path):
         optimizer = tt_config.instantiate(cfg[phase].optimizer, [param])
         tt_config.instantiate(cfg[phase].lr_scheduler, optimizer, num_training_steps=100, last_epoch=-1)
     assert cfg.dataset.pause_tokens == cfg.pause_tokens
-    if name in DISTRIBUTED_CONFIGS:  # what blah_qlora_distributed reads, and the seed's batch of 16 over its GPUs
+    if name in DISTRIBUTED_CONFIGS:  # what blah_qlora_distributed reads, and llama-squad's batch of 16 over its GPUs
         gpus = int(re.search(r"--nproc_per_node (\d+) blah_qlora_distributed", open(path).read()).group(1))
         assert cfg.enable_activation_checkpointing
         assert isinstance(cfg.fsdp_cpu_offload, bool) and isinstance(cfg.fsdp_reshard_after_forward, bool)

@@ -27,7 +27,7 @@ IGNORE = CROSS_ENTROPY_IGNORE_IDX
 
 
 def _seed_style_tokens(tokenizer, seed_messages, pause_names, pause_ids):
-    """The seed's tokens, computed the seed's way: render the Llama 3 chat template
+    """llama-squad's tokens, computed its way: render the Llama 3 chat template
     as text (contents trimmed), split at special tokens, BPE-encode the pieces."""
     text = "<|begin_of_text|>" + "".join(
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in seed_messages

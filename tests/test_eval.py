@@ -103,7 +103,7 @@ def test_resume_after_interruption_gives_the_same_files(trained_run, tmp_path, m
 
     import torchtune_blah.recipes.blah_eval as blah_eval
 
-    real, calls = blah_eval.answer_records, []
+    real, calls = blah_eval.Answerer.answer, []
 
     def dies_on_third_batch(*args, **kwargs):
         calls.append(1)
@@ -111,7 +111,7 @@ def test_resume_after_interruption_gives_the_same_files(trained_run, tmp_path, m
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(blah_eval, "answer_records", dies_on_third_batch)
+    monkeypatch.setattr(blah_eval.Answerer, "answer", dies_on_third_batch)
     recipe = BlahEvalRecipe(_eval_cfg(trained_run, resumed))
     recipe.setup()
     with pytest.raises(KeyboardInterrupt):
@@ -120,13 +120,33 @@ def test_resume_after_interruption_gives_the_same_files(trained_run, tmp_path, m
     assert len(lines) == 8
     with open(resumed / "predictions.jsonl", "a") as f:  # a kill in the middle of a write
         f.write(lines[0][:40])
-    monkeypatch.setattr(blah_eval, "answer_records", real)
+    monkeypatch.setattr(blah_eval.Answerer, "answer", real)
     recipe = BlahEvalRecipe(_eval_cfg(trained_run, resumed))
     recipe.setup()
     recipe.evaluate()
     for name in ("predictions.jsonl", "predictions.json", "na_probs.json", "metrics.json", "results.md",
                  "review_queue.jsonl", "eval_data.json"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+    # An evaluation of an earlier version (rows without contexts and runs, llama-squad's exact match
+    # named seed_exact) resumes into today's files, answering nothing again.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "eval_settings.json").write_text((whole / "eval_settings.json").read_text())
+    old_rows = []
+    for line in (whole / "predictions.jsonl").read_text().splitlines():
+        row = {k: v for k, v in json.loads(line).items() if k not in ("title", "context", "run_dir", "stage")}
+        old_rows.append(json.dumps({"seed_exact" if k == "llama_squad_exact" else k: v for k, v in row.items()}))
+    (earlier / "predictions.jsonl").write_text("\n".join(old_rows) + "\n")
+    def answers_nothing(*args, **kwargs):
+        raise AssertionError("every question was answered already")
+
+    monkeypatch.setattr(blah_eval.Answerer, "answer", answers_nothing)
+    recipe = BlahEvalRecipe(_eval_cfg(trained_run, earlier))
+    recipe.setup()
+    recipe.evaluate()
+    for name in ("predictions.jsonl", "predictions.json", "na_probs.json", "metrics.json", "review_queue.jsonl"):
+        assert (earlier / name).read_bytes() == (whole / name).read_bytes(), name
 
     with pytest.raises(ValueError, match="holds an evaluation with other settings"):
         BlahEvalRecipe(_eval_cfg(trained_run, resumed, prompt_style="multi_turn")).setup()
@@ -187,8 +207,8 @@ def test_unquantized_base_and_embed_stage(trained_run, tmp_path):
     recipe = BlahEvalRecipe(_eval_cfg(trained_run, tmp_path / "eval", quantize_base=False, stage="embed",
                                       **{"dataset.max_examples": 4}))
     recipe.setup()
-    assert not any(isinstance(p, NF4Tensor) for p in recipe._model.parameters())
-    assert all(m.disabled for m in recipe._model.modules() if hasattr(m, "lora_a"))  # embed: adapters off
+    assert not any(isinstance(p, NF4Tensor) for p in recipe._answerer.model.parameters())
+    assert all(m.disabled for m in recipe._answerer.model.modules() if hasattr(m, "lora_a"))  # embed: adapters off
     metrics = recipe.evaluate()
     assert metrics["stage"] == "embed" and metrics["official"]["total"] == 4
 

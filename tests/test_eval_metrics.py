@@ -9,7 +9,7 @@ from torchtune_blah.eval.metrics import (
     official_metrics,
     official_prediction,
     score_example,
-    seed_metrics,
+    llama_squad_metrics,
 )
 from torchtune_blah.eval.parse import extract_answer
 
@@ -44,19 +44,19 @@ def test_official_normalisation(text, normalized):
 def test_scores_by_hand():
     golds = ["10th and 11th centuries", "in the 10th and 11th centuries"]
     s = score_example(golds, "the 10th and 11th centuries")
-    assert s["seed_exact"] is False  # strict string match
+    assert s["llama_squad_exact"] is False  # strict string match
     assert s["official_exact"] == 1  # "the" is dropped: equals the second gold after normalising
     s = score_example(golds, "10th century")
     # vs gold 1: pred [10th, century], gold [10th, and, 11th, centuries]: 1 common; P=1/2, R=1/4, F1=1/3
     # vs gold 2: gold [in, 10th, and, 11th, centuries]: 1 common; P=1/2, R=1/5, F1=2/7
     assert s["official_exact"] == 0 and s["official_f1"] == pytest.approx(1 / 3)
     # no-answer question: only an abstention is right, under both
-    assert score_example([], "?") == {"valid_json": True, "seed_exact": True, "official_exact": 1,
+    assert score_example([], "?") == {"valid_json": True, "llama_squad_exact": True, "official_exact": 1,
                                       "official_f1": 1.0}
     assert score_example([], "France")["official_f1"] == 0.0
     # invalid JSON: never an abstention, never right
     s = score_example([], None)
-    assert not s["valid_json"] and not s["seed_exact"] and s["official_exact"] == 0
+    assert not s["valid_json"] and not s["llama_squad_exact"] and s["official_exact"] == 0
     assert official_prediction(None) == INVALID_PREDICTION and normalize_answer(INVALID_PREDICTION)
     assert official_prediction("?") == ""
     # answering "?" where there is an answer is wrong
@@ -79,8 +79,8 @@ def _rows():
     return rows
 
 
-def test_seed_metrics_by_hand():
-    m = seed_metrics(_rows())
+def test_llama_squad_metrics_by_hand():
+    m = llama_squad_metrics(_rows())
     assert m["pct_valid_json"] == pytest.approx(100 * 5 / 6)
     assert m["pct_exact_match"] == pytest.approx(100 * 2 / 6)  # France, "?"
     assert m["pct_exact_match_among_valid_json"] == pytest.approx(100 * 2 / 5)

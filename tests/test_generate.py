@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from torchtune_blah.data.squad import SquadRecordError, load_questions_jsonl, load_squad_records, question_id
+from torchtune_blah.prediction import REQUIRED
 from torchtune_blah.recipes.blah_eval import BlahEvalRecipe
 from torchtune_blah.recipes.blah_generate import BlahGenerateRecipe
 
@@ -63,10 +64,11 @@ def test_unlabeled_questions_get_the_answers_blah_eval_gives(trained_run, questi
     evaluation.evaluate()
     evaluated = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [e["question"] for e in evaluated] == [r["question"] for r in rows]
+    # One Prediction row: the same fields with the same values, but the scores (no gold answers here)
     for e, r in zip(evaluated, rows):
-        assert (r["raw_output"], r["answer"], r["prediction"], r["na_prob"]) == (
-            e["raw_output"], e["model_answer"], e["prediction"], e["na_prob"])
-        assert r["stage"] == "lora" and r["context"] and "answers" not in r
+        assert {k: r[k] for k in REQUIRED if k not in ("id", "title")} == {k: e[k] for k in REQUIRED
+                                                                          if k not in ("id", "title")}
+        assert r["stage"] == "lora" and r["context"] and "gold_answers" not in r and "has_answer" not in r
 
 
 def test_one_question_streams_with_its_explanation(trained_run, tmp_path):
@@ -80,7 +82,7 @@ def test_one_question_streams_with_its_explanation(trained_run, tmp_path):
     assert len(rows) == 1 and rows[0]["question"] == record.question and isinstance(rows[0]["explanation"], str)
     assert f"Question: {record.question}" in result.stdout
     assert rows[0]["raw_output"] in result.stdout  # streamed as generated
-    assert "Explain your reasoning." in result.stdout and f"Answer: {rows[0]['answer']!r}" in result.stdout
+    assert "Explain your reasoning." in result.stdout and f"Answer: {rows[0]['model_answer']!r}" in result.stdout
 
 
 def test_sigkill_then_rerun_gives_the_same_file(trained_run, questions, tmp_path):
@@ -94,7 +96,7 @@ def test_sigkill_then_rerun_gives_the_same_file(trained_run, questions, tmp_path
     result = subprocess.run(args(whole), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0
     rows = [json.loads(line) for line in (whole / "generations.jsonl").read_text().splitlines()]
-    assert f"{rows[3]['id']}: {rows[3]['answer']!r}  P(no answer)={rows[3]['na_prob']:.3f}" in result.stdout + result.stderr
+    assert f"{rows[3]['id']}: {rows[3]['model_answer']!r}  P(no answer)={rows[3]['na_prob']:.3f}" in result.stdout + result.stderr
     proc = subprocess.Popen(args(killed), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     output = killed / "generations.jsonl"
     deadline = time.time() + 300
@@ -115,7 +117,7 @@ def test_sigkill_then_rerun_gives_the_same_file(trained_run, questions, tmp_path
 def test_bad_questions_fail_before_the_model_loads(trained_run, tmp_path, monkeypatch):
     import torchtune_blah.recipes.blah_generate as blah_generate
 
-    monkeypatch.setattr(blah_generate, "load_run_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(blah_generate.Answerer, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "Paris is in France.", "question": "Where is Paris?"}\n'
                    '{"context": "Paris is in France.", "question": ""}\n')
@@ -150,8 +152,8 @@ def test_a_threshold_rule_decides_like_blah_eval(trained_run, questions, tmp_pat
     evaluation.setup()
     evaluation.evaluate()
     evaluated = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert [r["answer"] for r in rows] == [r["model_answer"] for r in evaluated]
+    assert [r["model_answer"] for r in rows] == [r["model_answer"] for r in evaluated]
     assert [r["span_answer"] for r in rows] == [r["span_answer"] for r in evaluated]
-    assert all(r["answer"] == ("?" if r["na_prob"] > 0.4 else r["span_answer"]) for r in rows)
+    assert all(r["model_answer"] == ("?" if r["na_prob"] > 0.4 else r["span_answer"]) for r in rows)
     with pytest.raises(ValueError, match="abstain_threshold"):
         BlahGenerateRecipe(_cfg(trained_run, tmp_path / "bad", questions=path, abstain_threshold=2))

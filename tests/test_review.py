@@ -52,18 +52,49 @@ def test_bad_imports_write_nothing(eval_output, tmp_path, capsys):
     assert "line 4 of" in capsys.readouterr().err and "missing field 'question'" in str(
         pytest.raises(SourceError, read_items, str(bad)).value)
     assert not os.path.exists(db_path) or ReviewDB(db_path).progress()["total"] == 0
-    lines[3] = '{"id": "x", "context": "c", "question": "q", "answer": "a", "na_prob": "high", "raw_output": ""}'
+    lines[3] = json.dumps({**row, "question": "q", "na_prob": "high"})
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(SourceError, match="line 4 .* field 'na_prob' must be a number"):
         read_items(str(bad))
     bad.write_text("\n".join(lines[:2]) + "\n{not json\n")
     with pytest.raises(SourceError, match="line 3 .* is not JSON"):
         read_items(str(bad))
+    # predictions.jsonl stands alone (its rows carry their contexts)
     lonely = tmp_path / "lonely" / "predictions.jsonl"
     lonely.parent.mkdir()
     lonely.write_text((eval_output / "predictions.jsonl").read_text())
-    with pytest.raises(SourceError, match="eval_data.json must be beside it"):
-        read_items(str(lonely))
+    assert [it.source_key for it in read_items(str(lonely))] == [it.source_key for it in read_items(good)]
+
+
+def _earlier_version(row, drop=(), renames=()):
+    row = {dict(renames).get(k, k): v for k, v in row.items() if k not in drop}
+    return json.dumps(row) + "\n"
+
+
+@pytest.mark.slow
+def test_files_of_earlier_versions_import_as_the_same_items(eval_output, tmp_path):
+    """review_queue.jsonl once named the reply model_output and no run (eval_settings.json beside it
+    did); generations.jsonl named the parsed answer `answer`; predictions.jsonl had no contexts."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "eval_settings.json").write_text((eval_output / "eval_settings.json").read_text())
+    queue = [json.loads(line) for line in (eval_output / "review_queue.jsonl").read_text().splitlines()]
+    (old / "review_queue.jsonl").write_text("".join(
+        _earlier_version(r, drop=("run_dir", "stage", "gold_answers"), renames={"raw_output": "model_output"}.items())
+        for r in queue))
+    today = read_items(str(eval_output / "review_queue.jsonl"))
+    assert [(it.source_key, it.model_answer, it.run_dir, it.stage) for it in read_items(str(old / "review_queue.jsonl"))] \
+        == [(it.source_key, it.model_answer, it.run_dir, it.stage) for it in today]
+    gen = synthetic_generations(tmp_path / "generations.jsonl", 4)
+    rows = [json.loads(line) for line in open(gen)]
+    (old / "generations.jsonl").write_text("".join(_earlier_version(r, renames={"model_answer": "answer"}.items())
+                                                   for r in rows))
+    assert read_items(str(old / "generations.jsonl")) == [
+        it.__class__(**{**it.__dict__, "source_file": str(old / "generations.jsonl")}) for it in read_items(gen)]
+    predictions = [json.loads(line) for line in (eval_output / "predictions.jsonl").read_text().splitlines()]
+    (old / "predictions.jsonl").write_text("".join(_earlier_version(r, drop=("title", "context")) for r in predictions))
+    with pytest.raises(SourceError, match="line 1 .*earlier blah_eval, without its context; rerun blah_eval"):
+        read_items(str(old / "predictions.jsonl"))
 
 
 def test_a_newer_schema_is_refused_untouched(tmp_path):

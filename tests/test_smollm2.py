@@ -14,6 +14,7 @@ from torchtune_blah.data.chat import answer_prompt
 from torchtune_blah.data.squad import load_squad_records
 from torchtune_blah.eval.run import _abstention_prob_forced, abstention_probe, answer_records
 from torchtune_blah.generation import greedy_generate, stop_token_ids
+from torchtune_blah.pause import NO_PAUSE
 
 pytestmark = pytest.mark.slow  # real SmolLM2-135M weights: the full suite only (python -m pytest -q)
 
@@ -77,7 +78,7 @@ def test_abstention_probe_and_stop_rule_on_the_real_model(model, tokenizer, dev_
     probe = abstention_probe(tokenizer)
     assert fmt.decode(list(probe.scaffold)) + fmt.decode([probe.token]) in ('\n{\n  "answer": "?', '\n{\n  "answer": "?"')
     stops = stop_token_ids(tokenizer)
-    rows = answer_records(model, tokenizer, dev_records, None, prompt_style="single_turn", stop_ids=stops,
+    rows = answer_records(model, tokenizer, dev_records, NO_PAUSE, prompt_style="single_turn", stop_ids=stops,
                           probe=probe, max_new_tokens=48)
     prompts = [answer_prompt(tokenizer, r, []) for r in dev_records]
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stops, max_new_tokens=48,
@@ -95,7 +96,7 @@ def test_abstention_probe_and_stop_rule_on_the_real_model(model, tokenizer, dev_
         assert 0.0 <= row["na_prob"] <= 1.0
         if tuple(gen.tokens[: probe.step]) == probe.scaffold:
             wrote_scaffold += 1
-            assert abs(gen.probe_prob - _abstention_prob_forced(model, prompt, probe, None)) < 1e-4
+            assert abs(gen.probe_prob - _abstention_prob_forced(model, prompt, probe, NO_PAUSE)) < 1e-4
     assert wrote_scaffold >= len(dev_records) // 2  # the instruct model mostly follows the JSON format
 
 

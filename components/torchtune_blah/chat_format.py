@@ -143,7 +143,8 @@ def chat_format(tokenizer: Any) -> ChatFormat:
 
 def render_chat(fmt: ChatFormat, messages: Sequence[Any], pause_ids: Sequence[int] = (),
                 add_last_end: bool = True):
-    """Token ids and a supervised-token mask for ``messages`` (objects with ``role`` and ``content``).
+    """Token ids and one ``supervised`` flag per token (True: trained on) for ``messages`` (objects
+    with ``role`` and ``content``).
 
     Args:
         messages: system/user/assistant turns; assistant contents are the reply after the

@@ -58,7 +58,8 @@ from torchtune_blah.hf_tokenizer import (
     check_same_encoding,
     tokenizer_config,
 )
-from torchtune_blah.pause import PauseTokens, find_pause_embedding, pause_tokens_from_metadata, read_pause_embeddings
+from torchtune_blah.pause import NO_PAUSE, PauseTokens, find_pause_embedding, pause_tokens_from_metadata, \
+    read_pause_embeddings
 from torchtune_blah.run_dir import (ADAPTER_CONFIG_FILE, CALIBRATION_FILE, CONFIG_FILE, PEFT_ADAPTER_FILE, STAGING_DIR,
                                     RunDir, phase_complete)
 
@@ -82,7 +83,7 @@ class ExportPlan:
     dtype: torch.dtype
     run_cfg: DictConfig
     fmt: ChatFormat
-    pause: Optional[PauseTokens]
+    pause: PauseTokens  # NO_PAUSE: none
     hf_tokenizer: Any  # tokenizers.Tokenizer, pause tokens added
     tokenizer_source: str
     base_config: Dict[str, Any]
@@ -126,10 +127,10 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
     if stage == "base":
         raise ExportError(f"stage=base: {run_dir} has no finished phase to export (the base model is "
                           f"{run_cfg.checkpointer.get('checkpoint_dir')})")
-    pause = None
+    pause = NO_PAUSE
     if run.has_pause_rows(stage):
         pause = pause_tokens_from_metadata(read_pause_embeddings(run.stage_dir(stage))[1])
-    if format == "peft" and pause is not None and pause.num and not pause.distinct:
+    if format == "peft" and pause.num and not pause.distinct:
         raise ExportError("format=peft: PEFT's trainable tokens need one row per pause id; this run repeats "
                           "one <blah> row (pause_tokens.distinct=false). Use format=hf.")
 
@@ -269,7 +270,7 @@ def peft_adapter(plan: ExportPlan) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
 
     run = RunDir(plan.run_dir)
     stage_dir = run.stage_dir(plan.stage)
-    ids = list(plan.pause.ids) if plan.pause is not None and plan.pause.num else []
+    ids = list(plan.pause.ids)
     rows = read_pause_embeddings(stage_dir)[0] if ids else None
     base = {"base_model_name_or_path": plan.base_dir, "task_type": "CAUSAL_LM", "inference_mode": True}
     if plan.stage == "lora":
@@ -307,13 +308,13 @@ def peft_adapter(plan: ExportPlan) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
 def prompt_spec(plan: ExportPlan) -> Dict[str, Any]:
     """``blah_prompt.json``: everything a program needs to prompt the exported model as training did."""
     dataset = plan.run_cfg.get("dataset") or {}
-    sequence = plan.pause.sequence if plan.pause is not None else []
-    names = [plan.pause.name_of(i) for i in sequence] if plan.pause is not None else []
+    sequence = plan.pause.sequence
+    names = [plan.pause.name_of(i) for i in sequence]
     return {
         "chat_format": plan.fmt.name,
         "pause_tokens": names,
         "pause_token_ids": sequence,
-        "pause_mode": plan.pause.mode if plan.pause is not None else None,
+        "pause_mode": plan.pause.mode if plan.pause.num else None,
         "answer_prefix": ANSWER_PREFIX,
         "prompt_style": str(dataset.get("prompt_style", "single_turn")),
         "system_prompt": dataset.get("system_prompt", SYSTEM_PROMPT),
@@ -321,7 +322,7 @@ def prompt_spec(plan: ExportPlan) -> Dict[str, Any]:
         "multi_turn_first_prompt": dataset.get("multi_turn_first_prompt", MULTI_TURN_FIRST_PROMPT),
         "multi_turn_second_prompt": dataset.get("multi_turn_second_prompt", MULTI_TURN_SECOND_PROMPT),
         "end_token_ids": list(plan.fmt.end_ids),
-        "suppress_token_ids": list(plan.pause.ids) if plan.pause is not None else [],
+        "suppress_token_ids": list(plan.pause.ids),
         "how_to_prompt": (
             "fill the prompt's {context} and {question} by plain replacement (its JSON braces are literal); "
             "text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) "
@@ -370,7 +371,7 @@ def model_card(plan: ExportPlan) -> str:
 
     pause = plan.pause
     pause_text = (f"{pause.num} pause tokens {list(pause.names)} ({pause.mode} mode, ids {list(pause.ids)})"
-                  if pause is not None and pause.num else "no pause tokens")
+                  if pause.num else "no pause tokens")
     load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained(\"{plan.output_dir}\")\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{plan.output_dir}\")")
@@ -380,7 +381,7 @@ def model_card(plan: ExportPlan) -> str:
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{plan.output_dir}\")\n"
                 f"base = AutoModelForCausalLM.from_pretrained(\"{plan.base_dir}\")\n"
                 + ("base.resize_token_embeddings(len(tokenizer))  # append-mode pause ids lie past the base table\n"
-                   if pause is not None and pause.mode == "append" else "")
+                   if pause.num and pause.mode == "append" else "")
                 + f"model = PeftModel.from_pretrained(base, \"{plan.output_dir}\")")
     lines = [
         f"# {os.path.basename(os.path.normpath(plan.output_dir))}",
@@ -420,7 +421,7 @@ def generation_config(plan: ExportPlan) -> Dict[str, Any]:
               "do_sample": False}
     if plan.fmt.start_ids:
         config["bos_token_id"] = plan.fmt.start_ids[0]
-    if plan.pause is not None and plan.pause.ids:
+    if plan.pause.ids:
         config["suppress_tokens"] = list(plan.pause.ids)
     return config
 

@@ -24,7 +24,7 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules.common_utils import local_kv_cache
 
 from torchtune_blah.chat_format import chat_format
-from torchtune_blah.pause import PauseTokens, mask_pause_logits
+from torchtune_blah.pause import NO_PAUSE, PauseTokens, mask_pause_logits
 
 
 def stop_token_ids(tokenizer, extra: Optional[Iterable[int]] = None) -> Set[int]:
@@ -52,7 +52,7 @@ def greedy_generate(
     pad_id: int,
     stop_ids: Set[int],
     max_new_tokens: int,
-    pause: Optional[PauseTokens] = None,
+    pause: PauseTokens = NO_PAUSE,
     use_cache: bool = True,
     probe: Optional[Tuple[int, Union[int, Tuple[int, ...]]]] = None,
     probe_mask: bool = False,
@@ -113,8 +113,7 @@ def last_logits(output) -> torch.Tensor:
 
 def _pick(logits, pause, step, probe, probe_mask, out, done):
     logits = logits.float()
-    if pause is not None:
-        mask_pause_logits(logits, pause)
+    mask_pause_logits(logits, pause)
     log_probs = None
     if probe is not None and step == probe[0]:
         argmax = logits.argmax(dim=-1)

@@ -112,11 +112,11 @@ def base_hf_tokenizer(run_tokenizer: Any, tokenizer_cfg: Any, checkpoint_dir: Op
         "checkpoint directory (tune download leaves it there).")
 
 
-def add_pause_tokens(tokenizer: Any, pause: Optional[PauseTokens], vocab_rows: int) -> None:
+def add_pause_tokens(tokenizer: Any, pause: PauseTokens, vocab_rows: int) -> None:
     """Make the pause ids real special tokens of ``tokenizer`` (in place) and check their ids."""
     from tokenizers import AddedToken
 
-    if pause is None or not pause.ids:
+    if not pause.ids:
         return
     if pause.mode == "reserved":
         for name, token_id in zip(pause.names, pause.ids):

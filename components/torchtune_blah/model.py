@@ -63,7 +63,7 @@ def load_run_model(
     dtype: torch.dtype,
     staging_dir: str,
     quantize_base: Optional[bool] = None,
-) -> Tuple[nn.Module, Optional[PauseTokens]]:
+) -> Tuple[nn.Module, PauseTokens]:
     """The model a ``blah_qlora`` run produced, ready for inference.
 
     ``stage``: ``base`` (no pause tokens, no adapter: the article's "base model" row),
@@ -73,14 +73,14 @@ def load_run_model(
     """
     import shutil
 
-    from torchtune_blah.pause import load_pause_embeddings, pause_tokens, pause_tokens_from_metadata, \
+    from torchtune_blah.pause import NO_PAUSE, load_pause_embeddings, pause_tokens_from_metadata, \
         read_pause_embeddings
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     run = RunDir(run_dir)
     stage_dir = run.stage_dir(stage)
-    pause = None
+    pause = NO_PAUSE
     if run.has_pause_rows(stage):
         pause = pause_tokens_from_metadata(read_pause_embeddings(stage_dir)[1])
     cfg_model = run_cfg.model.copy()
@@ -89,7 +89,7 @@ def load_run_model(
     checkpointer = config.instantiate(run_cfg.checkpointer, output_dir=staging_dir)
     base_state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
     shutil.rmtree(staging_dir, ignore_errors=True)
-    model, pause_module = build_model(cfg_model, base_state_dict, pause or pause_tokens(num=0), device, dtype)
+    model, pause_module = build_model(cfg_model, base_state_dict, pause, device, dtype)
     del base_state_dict
     if pause_module is not None:
         load_pause_embeddings(pause_module, stage_dir)

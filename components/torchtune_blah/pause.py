@@ -81,6 +81,11 @@ class PauseTokens:
         return self.num
 
 
+# "No pause tokens" has one spelling: num == 0. In configs `pause_tokens.num: 0`; in code a
+# PauseTokens with num == 0 (this one, or pause_tokens(num=0)), never None.
+NO_PAUSE = PauseTokens(ids=(), names=(), num=0, mode="append")
+
+
 def pause_tokens(
     num: int = 5,
     distinct: bool = True,
@@ -150,11 +155,11 @@ def pause_tokens(
 
 
 def as_pause_tokens(spec: Union[None, PauseTokens, Mapping[str, Any]], tokenizer: Any = None) -> PauseTokens:
-    """Accept a ``PauseTokens``, a config mapping of ``pause_tokens`` arguments, or None (no pause)."""
+    """Accept a ``PauseTokens``, a config mapping of ``pause_tokens`` arguments, or None (``NO_PAUSE``)."""
     if isinstance(spec, PauseTokens):
         return spec
     if spec is None:
-        return pause_tokens(num=0)
+        return NO_PAUSE
     kwargs = {k: v for k, v in dict(spec).items() if k != "_component_"}
     return pause_tokens(**kwargs, tokenizer=tokenizer)
 

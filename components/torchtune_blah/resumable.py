@@ -10,7 +10,7 @@ a resumed run pads and decodes every batch exactly as an uninterrupted one would
 
 import json
 import os
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from torchtune_blah.checkpointing import atomic_text
 
@@ -55,10 +55,14 @@ class ResumableJsonl:
 
     ``shard=(rank, world_size)``: this file holds every ``world_size``-th batch from ``rank`` on
     (data-parallel evaluation); the batches are the same as without sharding.
+    ``upgrade(row, item)``: the row, as read from the file, in today's shape (rows written by an
+    earlier version; ``torchtune_blah.prediction.upgrade_row``).
     """
 
-    def __init__(self, path: str, items: Sequence[Any], batch_size: int, shard: Tuple[int, int] = (0, 1)):
+    def __init__(self, path: str, items: Sequence[Any], batch_size: int, shard: Tuple[int, int] = (0, 1),
+                 upgrade: Optional[Callable[[Mapping[str, Any], Any], Dict[str, Any]]] = None):
         self.path = path
+        self._upgrade = upgrade or (lambda row, item: dict(row))
         rank, world_size = shard
         batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
         self.batches: List[List[Any]] = batches[rank::world_size]
@@ -78,7 +82,7 @@ class ResumableJsonl:
         complete = {}
         for batch in self.batches:
             if all(x.id in rows for x in batch):
-                complete.update({x.id: rows[x.id] for x in batch})
+                complete.update({x.id: self._upgrade(rows[x.id], x) for x in batch})
         return complete
 
     def open_append(self):

@@ -62,7 +62,10 @@ def tokenize_chat(
     pause_ids: Sequence[int] = (),
     add_last_end: bool = True,
 ) -> Tuple[List[int], List[bool]]:
-    """Token ids and a supervised-token mask for a conversation.
+    """Token ids and one ``supervised`` flag per token (True: trained on) for a conversation.
+
+    One polarity inside the package: ``supervised``. torchtune's ``mask`` (True: *not* trained on)
+    appears only where its API asks for it (``models.smollm2.ChatMLTokenizer.tokenize_messages``).
 
     Args:
         tokenizer: a torchtune tokenizer with a known chat format, or a ``ChatFormat``.

@@ -5,9 +5,9 @@ from torchtune_blah.eval.metrics import (
     official_metrics,
     official_prediction,
     score_example,
-    seed_metrics,
+    llama_squad_metrics,
 )
 from torchtune_blah.eval.parse import extract_answer
 
 __all__ = ["INVALID_PREDICTION", "extract_answer", "official_metrics", "official_prediction", "score_example",
-           "seed_metrics"]
+           "llama_squad_metrics"]

@@ -58,12 +58,12 @@ def official_prediction(answer: Optional[str]) -> str:
 
 def score_example(answers: Sequence[str], model_answer: Optional[str]) -> Dict[str, float]:
     """Per-question scores: llama-squad's strict EM and the official EM / F1."""
-    seed_golds = list(answers) or [NO_ANSWER]
+    llama_squad_golds = list(answers) or [NO_ANSWER]
     prediction = official_prediction(model_answer)
     official_golds = [a for a in answers if normalize_answer(a)] or [""]
     return {
         "valid_json": model_answer is not None,
-        "seed_exact": model_answer is not None and model_answer in seed_golds,
+        "llama_squad_exact": model_answer is not None and model_answer in llama_squad_golds,
         "official_exact": max(official_exact(g, prediction) for g in official_golds),
         "official_f1": max(official_f1(g, prediction) for g in official_golds),
     }
@@ -73,18 +73,18 @@ def _percent(numerator: float, denominator: int) -> float:
     return 100.0 * numerator / denominator if denominator else 0.0
 
 
-def seed_metrics(rows: Iterable[Mapping]) -> Dict[str, float]:
-    """The article's table: rows carry ``has_answer``, ``valid_json``, ``seed_exact``."""
+def llama_squad_metrics(rows: Iterable[Mapping]) -> Dict[str, float]:
+    """The article's table: rows carry ``has_answer``, ``valid_json``, ``llama_squad_exact``."""
     rows = list(rows)
     valid = [r for r in rows if r["valid_json"]]
     no_answer = [r for r in rows if not r["has_answer"]]
     has_answer = [r for r in rows if r["has_answer"]]
     return {
         "pct_valid_json": _percent(len(valid), len(rows)),
-        "pct_exact_match": _percent(sum(r["seed_exact"] for r in rows), len(rows)),
-        "pct_exact_match_among_valid_json": _percent(sum(r["seed_exact"] for r in valid), len(valid)),
-        "pct_correct_no_answer": _percent(sum(r["seed_exact"] for r in no_answer), len(no_answer)),
-        "pct_correct_has_answer": _percent(sum(r["seed_exact"] for r in has_answer), len(has_answer)),
+        "pct_exact_match": _percent(sum(r["llama_squad_exact"] for r in rows), len(rows)),
+        "pct_exact_match_among_valid_json": _percent(sum(r["llama_squad_exact"] for r in valid), len(valid)),
+        "pct_correct_no_answer": _percent(sum(r["llama_squad_exact"] for r in no_answer), len(no_answer)),
+        "pct_correct_has_answer": _percent(sum(r["llama_squad_exact"] for r in has_answer), len(has_answer)),
     }
 
 

@@ -3,9 +3,9 @@
 from typing import Any, Dict, List, Mapping, Optional
 
 from torchtune_blah.data.squad import NO_ANSWER
-from torchtune_blah.eval.metrics import official_metrics, score_example, seed_metrics
+from torchtune_blah.eval.metrics import official_metrics, score_example, llama_squad_metrics
 
-SEED_COLUMNS = [
+LLAMA_SQUAD_COLUMNS = [
     ("pct_valid_json", "% Valid JSON"),
     ("pct_exact_match", "% Exact Match"),
     ("pct_exact_match_among_valid_json", "% Exact Match (valid JSON)"),
@@ -35,18 +35,23 @@ def trust_cells(summary: Mapping[str, Any], official: Mapping[str, Any]) -> List
             f"{summary['pct_abstained']:.1f}", _auroc(summary)]
 
 
-def results_row(name: str, seed: Mapping[str, float], summary: Optional[Mapping[str, Any]] = None,
+def results_row(name: str, llama_squad: Mapping[str, float], summary: Optional[Mapping[str, Any]] = None,
                 official: Optional[Mapping[str, Any]] = None) -> str:
     """Header and one row in the layout of llama-squad's results table (markdown), then, given the
     summary statistics, the official EM with its interval, the abstention rate and the AUROC."""
-    header = "| Model | " + " | ".join(title for _, title in SEED_COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(SEED_COLUMNS)
-    row = f"| {name} | " + " | ".join(f"{seed[key]:.2f}" for key, _ in SEED_COLUMNS) + " |"
+    header = "| Model | " + " | ".join(title for _, title in LLAMA_SQUAD_COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(LLAMA_SQUAD_COLUMNS)
+    row = f"| {name} | " + " | ".join(f"{llama_squad[key]:.2f}" for key, _ in LLAMA_SQUAD_COLUMNS) + " |"
     lines = [header, rule, row]
     if summary is not None and official is not None:
         lines += ["", "| Model | " + " | ".join(TRUST_COLUMNS) + " |", "|---|" + "---:|" * len(TRUST_COLUMNS),
                   f"| {name} | " + " | ".join(trust_cells(summary, official)) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def _llama_squad(metrics: Mapping[str, Any]) -> Mapping[str, float]:
+    # metrics.json of earlier versions named this section "seed" (after llama-squad, "the seed").
+    return metrics["llama_squad"] if "llama_squad" in metrics else metrics["seed"]
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
@@ -57,7 +62,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         lines.append("  abstention: " + ("greedy (the article's rule)" if rule["threshold"] is None else
                                          f"abstain when {rule['rule']} > {rule['threshold']:.4f} ({rule['source']})"))
     lines.append("  llama-squad's metrics:")
-    lines += [f"    {title:<28} {metrics['seed'][key]:7.2f}" for key, title in SEED_COLUMNS]
+    lines += [f"    {title:<28} {_llama_squad(metrics)[key]:7.2f}" for key, title in LLAMA_SQUAD_COLUMNS]
     lines.append("  official SQuAD 2.0 metrics:")
     lines.append("    (best_*: the official script's thresholds, chosen on these very questions: an oracle)")
     for key, value in metrics["official"].items():
@@ -87,27 +92,21 @@ def review_priority(row: Mapping[str, Any], threshold: float = 0.5) -> tuple:
     return (row["model_answer"] is not None, not disagrees, abs(row["na_prob"] - threshold), row["id"])
 
 
-def review_queue(rows: List[Mapping[str, Any]], records: Mapping[str, Any], limit: Optional[int] = None,
-                 threshold: float = 0.5) -> List[Dict]:
-    """The questions to show an expert, as flat training records.
+def review_queue(rows: List[Mapping[str, Any]], limit: Optional[int] = None, threshold: float = 0.5) -> List[Dict]:
+    """The questions to show an expert: their ``Prediction`` rows, least certain first, each also a
+    training record.
 
-    ``answers`` holds the model's proposal (``[]`` when it abstained or its reply did
-    not parse); the expert corrects it in place, and the file goes back into
-    training as ``dataset: {source: json, data_files: review_queue.jsonl}``.
+    ``answers`` holds the model's proposal (``[]`` when it abstained or its reply did not parse);
+    the expert corrects it in place, and the file goes back into training as
+    ``dataset: {source: json, data_files: review_queue.jsonl}``.
     """
     queue = []
     for row in sorted(rows, key=lambda r: review_priority(r, threshold))[:limit]:
-        record = records[row["id"]]
         answer = row["model_answer"]
         reason = ("invalid JSON" if answer is None else
                   "answer disagrees with its abstention probability" if review_priority(row, threshold)[1] is False else
                   "uncertain")
-        queue.append({
-            "id": record.id, "title": record.title, "context": record.context, "question": record.question,
-            "answers": [] if answer in (None, "?") else [answer],
-            "model_answer": answer, "model_output": row["raw_output"], "na_prob": row["na_prob"],
-            "review_reason": reason,
-        })
+        queue.append({**row, "answers": [] if answer in (None, "?") else [answer], "review_reason": reason})
     return queue
 
 
@@ -140,13 +139,13 @@ def comparison_table(named_rows: List[tuple]) -> str:
     if not named:
         return ""
     named.append((BASELINE_NAME, always_abstain_rows(named[0][1])))
-    header = ("| Model | " + " | ".join(title for _, title in SEED_COLUMNS if "valid JSON)" not in title)
+    header = ("| Model | " + " | ".join(title for _, title in LLAMA_SQUAD_COLUMNS if "valid JSON)" not in title)
               + " | " + " | ".join(TRUST_COLUMNS) + " | Questions |")
-    seed_keys = [key for key, title in SEED_COLUMNS if "valid JSON)" not in title]
-    lines = [header, "|---|" + "---:|" * (len(seed_keys) + len(TRUST_COLUMNS) + 1)]
+    keys = [key for key, title in LLAMA_SQUAD_COLUMNS if "valid JSON)" not in title]
+    lines = [header, "|---|" + "---:|" * (len(keys) + len(TRUST_COLUMNS) + 1)]
     for name, rows in named:
-        seed, official, summary = seed_metrics(rows), official_metrics(rows), summary_statistics(rows)
-        cells = [f"{seed[key]:.2f}" for key in seed_keys] + trust_cells(summary, official) + [str(len(rows))]
+        ours, official, summary = llama_squad_metrics(rows), official_metrics(rows), summary_statistics(rows)
+        cells = [f"{ours[key]:.2f}" for key in keys] + trust_cells(summary, official) + [str(len(rows))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     exact = {name: [100.0 * float(r["official_exact"]) for r in rows] for name, rows in named}
     first = named[0][0]

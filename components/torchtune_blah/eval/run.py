@@ -13,6 +13,7 @@ best span, and the rule decides between that span and ``"?"``; in the two-turn
 style the span turn is then asked after a "yes".
 """
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -22,10 +23,11 @@ from torch import nn
 from torchtune_blah.chat_format import chat_format, render_chat
 from torchtune_blah.data.chat import answer_prompt
 from torchtune_blah.data.squad import ANSWER_PREFIX, NO_ANSWER, ChatMessage, SquadRecord, answer_block, squad_messages
-from torchtune_blah.eval.metrics import official_prediction, score_example
 from torchtune_blah.eval.parse import extract_answer
-from torchtune_blah.generation import greedy_generate, last_logits
+from torchtune_blah.generation import greedy_generate, last_logits, stop_token_ids
 from torchtune_blah.pause import PauseTokens, mask_pause_logits
+from torchtune_blah.prediction import Prediction, prediction_rows
+from torchtune_blah.resumable import ResumableJsonl
 
 
 PROMPT_KEYS = ("system_prompt", "single_turn_prompt", "multi_turn_first_prompt", "multi_turn_second_prompt")
@@ -78,13 +80,12 @@ def abstention_probe(tokenizer: Any, value: str = NO_ANSWER, other: str = "Norma
 
 @torch.inference_mode()
 def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: AbstentionProbe,
-                            pause: Optional[PauseTokens], summed: bool = False) -> float:
+                            pause: PauseTokens, summed: bool = False) -> float:
     """P(abstention token) with the JSON scaffold written for the model (it wrote something else);
     ``summed``: P(any token that starts the abstention), as the threshold rule reads it."""
     device = next(model.parameters()).device
     logits = last_logits(model(torch.tensor([prompt + list(probe.scaffold)], device=device))).float()
-    if pause is not None:
-        mask_pause_logits(logits, pause)
+    mask_pause_logits(logits, pause)
     probs = torch.softmax(logits, dim=-1)[0]
     if summed:
         return float(probs[list(probe.abstain_ids)].sum())
@@ -130,7 +131,7 @@ def generate_replies(
     model: nn.Module,
     tokenizer: Any,
     records: Sequence[SquadRecord],
-    pause: Optional[PauseTokens],
+    pause: PauseTokens,
     *,
     prompt_style: str,
     stop_ids: Set[int],
@@ -149,8 +150,7 @@ def generate_replies(
     from torchtune_blah.eval.abstention import abstention_scores, decide
 
     prompts = prompts or {}
-    pause = pause if pause is not None and pause.num else None  # zero pause tokens: nothing to insert or mask
-    pause_ids = pause.sequence if pause is not None else []
+    pause_ids = pause.sequence  # (none with NO_PAUSE)
     masked = abstention is not None
     first = [answer_prompt(tokenizer, r, pause_ids, prompt_style, **prompts) for r in records]
     first_turn, p_no = [None] * len(records), [None] * len(records)
@@ -189,27 +189,16 @@ def answer_records(
     model: nn.Module,
     tokenizer: Any,
     records: Sequence[SquadRecord],
-    pause: Optional[PauseTokens],
+    pause: PauseTokens,
+    *,
+    run_dir: str = "",
+    stage: str = "",
     **kwargs: Any,
-) -> List[Dict[str, Any]]:
-    """Answer and score ``records`` (one batch); one result row per record (predictions.jsonl).
+) -> List[Prediction]:
+    """Answer and score ``records`` (one batch, gold answers known): one ``Prediction`` row each.
     Keyword arguments as ``generate_replies``."""
-    rows = []
-    for record, reply in zip(records, generate_replies(model, tokenizer, records, pause, **kwargs)):
-        row = {
-            "id": record.id, "question": record.question, "gold_answers": list(record.answers),
-            "has_answer": record.has_answer, "model_answer": reply.answer, "raw_output": reply.text,
-            "prediction": official_prediction(reply.answer), "na_prob": reply.na_prob,
-            **score_example(record.answers, reply.answer),
-        }
-        if reply.first_turn is not None:
-            row["first_turn_output"] = reply.first_turn
-        if reply.scores is not None:
-            row.update(span_answer=reply.span_answer, abstain_scores=reply.scores)
-            if reply.greedy_known:
-                row["greedy_answer"] = reply.greedy_answer
-        rows.append(row)
-    return rows
+    return prediction_rows(records, generate_replies(model, tokenizer, records, pause, **kwargs),
+                           run_dir=run_dir, stage=stage, scored=True)
 
 
 EXPLAIN_PROMPT = "Explain your reasoning."
@@ -220,7 +209,7 @@ def explain_replies(
     tokenizer: Any,
     records: Sequence[SquadRecord],
     replies: Sequence[Reply],
-    pause: Optional[PauseTokens],
+    pause: PauseTokens,
     *,
     prompt_style: str,
     explain_prompt: str = EXPLAIN_PROMPT,
@@ -231,8 +220,7 @@ def explain_replies(
     """The follow-up turn of llama-squad's chat app: after its answer, the model is asked
     ``explain_prompt`` and answers in free text (until its end of turn)."""
     fmt = chat_format(tokenizer)
-    pause = pause if pause is not None and pause.num else None
-    pause_ids = pause.sequence if pause is not None else []
+    pause_ids = pause.sequence
     conversations = []
     for record, reply in zip(records, replies):
         turns = [reply.first_turn, reply.text] if prompt_style == "multi_turn" else [reply.text]
@@ -245,3 +233,77 @@ def explain_replies(
     gens = greedy_generate(model, conversations, pad_id=tokenizer.pad_id, stop_ids=set(fmt.end_ids),
                            max_new_tokens=max_new_tokens, pause=pause, on_token=on_token)
     return [fmt.decode([t for t in g.tokens if t not in fmt.end_ids]).strip() for g in gens]
+
+
+class Answerer:
+    """A run's model set up to answer questions: what ``blah_eval``, ``blah_generate`` and in-training
+    validation share (tokenizer, pause tokens, prompt style and texts, stop rule, the probes where
+    P(abstain) is read, the abstention rule: ``(rule, threshold)`` or None for greedy)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, pause: PauseTokens, *, prompt_style: str,
+                 prompts: Optional[Dict[str, Any]] = None, max_new_tokens: int = 64,
+                 abstention: Optional[Tuple[str, float]] = None, run_dir: str = "", stage: str = ""):
+        self.model, self.tokenizer, self.pause = model, tokenizer, pause
+        self.prompt_style, self.prompts, self.max_new_tokens = prompt_style, dict(prompts or {}), max_new_tokens
+        self.abstention, self.run_dir, self.stage = abstention, run_dir, stage
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.probe = abstention_probe(tokenizer)
+        self.yes_no_probe = abstention_probe(tokenizer, "no", "yes") if prompt_style == "multi_turn" else None
+
+    @classmethod
+    def load(cls, run_cfg: Any, run_dir: str, stage: str, device: Any, dtype: Any, *, staging_dir: str,
+             quantize_base: Optional[bool] = None, **kwargs: Any) -> "Answerer":
+        """The run's tokenizer and model at ``stage`` (``torchtune_blah.model.load_run_model``)."""
+        from torchtune import config
+
+        from torchtune_blah.model import load_run_model
+
+        tokenizer = config.instantiate(run_cfg.tokenizer)
+        model, pause = load_run_model(run_cfg, run_dir, stage, device, dtype, staging_dir=staging_dir,
+                                      quantize_base=quantize_base)
+        return cls(model, tokenizer, pause, run_dir=run_dir, stage=stage, **kwargs)
+
+    def replies(self, records: Sequence[SquadRecord], on_token: Optional[Callable[[int, int], None]] = None,
+                use_cache: bool = True) -> List[Reply]:
+        return generate_replies(self.model, self.tokenizer, records, self.pause, prompt_style=self.prompt_style,
+                                stop_ids=self.stop_ids, probe=self.probe, max_new_tokens=self.max_new_tokens,
+                                use_cache=use_cache, prompts=self.prompts, on_token=on_token,
+                                abstention=self.abstention, yes_no_probe=self.yes_no_probe)
+
+    def rows(self, records: Sequence[SquadRecord], replies: Sequence[Reply], *, scored: bool) -> List[Prediction]:
+        return prediction_rows(records, replies, run_dir=self.run_dir, stage=self.stage, scored=scored)
+
+    def answer(self, records: Sequence[SquadRecord], *, scored: bool) -> List[Prediction]:
+        """One batch: a ``Prediction`` each (``scored``: the records' answers are the gold ones)."""
+        return self.rows(records, self.replies(records), scored=scored)
+
+    def explain(self, records: Sequence[SquadRecord], replies: Sequence[Reply], *, explain_prompt: str = EXPLAIN_PROMPT,
+                max_new_tokens: int = 256, on_token: Optional[Callable[[int, int], None]] = None) -> List[str]:
+        return explain_replies(self.model, self.tokenizer, records, replies, self.pause,
+                               prompt_style=self.prompt_style, explain_prompt=explain_prompt,
+                               max_new_tokens=max_new_tokens, prompts=self.prompts, on_token=on_token)
+
+
+def answer_into(output: ResumableJsonl, answer_batch: Callable[[List[SquadRecord]], List[Prediction]], *,
+                show: bool = True, on_rows: Optional[Callable[[List[Prediction]], None]] = None) -> List[Prediction]:
+    """The answering loop of ``blah_eval`` and ``blah_generate``: every batch ``output`` still lacks is
+    answered and appended as it finishes (a killed run resumes there); returns every row of
+    ``output``'s batches, in order. ``on_rows`` sees each finished batch."""
+    from torchtune import utils
+    from tqdm import tqdm
+
+    if output.done:
+        utils.get_logger("INFO").info(f"Resuming: {len(output.done)} questions already answered in {output.path}")
+    pbar = tqdm(total=len(output.items), initial=len(output.done), unit="q", dynamic_ncols=True, disable=not show)
+    start, answered = time.perf_counter(), 0
+    with output.open_append() as out:
+        for batch in output.todo():
+            rows = answer_batch(batch)
+            output.append(out, rows)
+            if on_rows is not None:
+                on_rows(rows)
+            answered += len(rows)
+            pbar.update(len(rows))
+            pbar.set_postfix(q_per_s=f"{answered / (time.perf_counter() - start):.2f}")
+    pbar.close()
+    return output.rows()

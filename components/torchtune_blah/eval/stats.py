@@ -89,7 +89,7 @@ def summary_statistics(rows: Sequence[dict]) -> Dict[str, object]:
     }
     intervals = {}
     for name, key in (("official_exact", "official_exact"), ("official_f1", "official_f1"),
-                      ("pct_exact_match", "seed_exact")):
+                      ("pct_exact_match", "llama_squad_exact")):
         low, high = bootstrap_ci([100.0 * float(r[key]) for r in rows])
         intervals[name] = [low, high]
     if result["auroc_na_prob"] is not None:

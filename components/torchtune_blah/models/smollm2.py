@@ -159,7 +159,8 @@ class ChatMLTokenizer:
         return tokens
 
     def tokenize_messages(self, messages: List[Message], add_end_tokens: bool = True) -> Tuple[List[int], List[bool]]:
-        """torchtune's ModelTokenizer contract: ids and a mask (True = not trained on)."""
+        """torchtune's ModelTokenizer contract: ids and torchtune's ``mask`` (True = *not* trained on, the
+        inverse of the ``supervised`` flags the rest of the package uses)."""
         tokens, mask = [], []
         if self.default_system_prompt and (not messages or messages[0].role != "system"):
             messages = [Message(role="system", content=self.default_system_prompt)] + list(messages)

@@ -1,23 +1,18 @@
-"""Model outputs to review, read from the files our recipes write.
-
-Three kinds of JSONL file, told apart by their fields:
-
-- ``blah_eval``'s ``predictions.jsonl`` (``gold_answers``, ``model_answer``, ``raw_output``): the
-  contexts come from ``eval_data.json`` beside it, run and stage from ``eval_settings.json``;
-- ``blah_eval``'s ``review_queue.jsonl`` (``model_output``, ``context``): run and stage from
-  ``eval_settings.json`` beside it when there is one;
-- ``blah_generate``'s ``generations.jsonl`` (``answer``, ``raw_output``, ``context``, ``run_dir``).
-
-Every line is checked before anything is written; an error names the line and the field.
+"""Model outputs to review: ``Prediction`` rows (``torchtune_blah.prediction``), as ``blah_eval``
+writes them (``predictions.jsonl``, ``review_queue.jsonl``) and ``blah_generate`` does
+(``generations.jsonl``). Every row stands alone (question, context, reply, run); rows of earlier
+versions are read with today's field names. Every line is checked before anything is written;
+an error names the line and the field.
 """
 
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from torchtune_blah.eval.report import review_priority
+from torchtune_blah.prediction import REQUIRED, upgrade_row
 from torchtune_blah.resumable import read_jsonl_objects
 
 
@@ -53,14 +48,6 @@ class ReviewItem:
         return int(valid), int(agrees), float(distance)
 
 
-def _sibling_json(path: str, name: str) -> Optional[Any]:
-    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), name)
-    if not os.path.isfile(sibling):
-        return None
-    with open(sibling, encoding="utf-8") as f:
-        return json.load(f)
-
-
 _KINDS = {str: "a string", float: "a number", list: "a list"}
 
 
@@ -81,17 +68,6 @@ def _field(row: Mapping[str, Any], name: str, kind, where: str, nullable: bool =
     return value
 
 
-def _kind(row: Mapping[str, Any]) -> str:
-    if "gold_answers" in row and "raw_output" in row:
-        return "predictions"
-    if "model_output" in row and "context" in row:
-        return "review_queue"
-    if "raw_output" in row and "context" in row and "answer" in row:
-        return "generations"
-    raise SourceError("not a file this tool reads: expected blah_eval's predictions.jsonl or review_queue.jsonl, "
-                      "or blah_generate's generations.jsonl")
-
-
 def read_items(path: str) -> List[ReviewItem]:
     """Every reviewable item of ``path``; raises ``SourceError`` naming line and field."""
     if not os.path.isfile(path):
@@ -99,51 +75,31 @@ def read_items(path: str) -> List[ReviewItem]:
     rows = list(read_jsonl_objects(path, SourceError))
     if not rows:
         raise SourceError(f"{path} holds no rows")
-    try:
-        kind = _kind(rows[0][1])
-    except SourceError as e:
-        raise SourceError(f"line {rows[0][0]} of {path}: {e}") from None
-    settings = _sibling_json(path, "eval_settings.json") or {}
-    contexts: Dict[str, Mapping[str, str]] = {}
-    if kind == "predictions":
-        data = _sibling_json(path, "eval_data.json")
-        if data is None:
-            raise SourceError(f"{path}: predictions.jsonl has no contexts; eval_data.json must be beside it "
-                              "(blah_eval writes it), or import review_queue.jsonl")
-        for article in data["data"]:
-            for paragraph in article["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    contexts[qa["id"]] = {"context": paragraph["context"], "title": article.get("title", "")}
+    # Rows of an earlier review_queue.jsonl name no run: the evaluation's settings beside it do.
+    settings_path = os.path.join(os.path.dirname(os.path.abspath(path)), "eval_settings.json")
+    settings = None
+    if os.path.isfile(settings_path):
+        with open(settings_path, encoding="utf-8") as f:
+            settings = json.load(f)
     items = []
-    for n, row in rows:
+    for n, raw in rows:
         where = f"line {n} of {path}"
-        row_kind = _kind_or_none(row)
-        if row_kind != kind:
-            raise SourceError(f"{where}: a {row_kind or 'unknown'} row in a {kind} file")
-        qid = _field(row, "id", str, where)
-        if kind == "predictions":
-            if qid not in contexts:
-                raise SourceError(f"{where}: id {qid!r} is not in eval_data.json beside it")
-            context, title = contexts[qid]["context"], contexts[qid]["title"]
-            gold = [str(a) for a in _field(row, "gold_answers", list, where)]
-            answer, raw = _field(row, "model_answer", str, where, nullable=True), _field(row, "raw_output", str, where)
-        else:
-            context, title, gold = _field(row, "context", str, where), str(row.get("title") or ""), None
-            if kind == "review_queue":
-                answer = _field(row, "model_answer", str, where, nullable=True)
-                raw = _field(row, "model_output", str, where)
-            else:
-                answer, raw = _field(row, "answer", str, where, nullable=True), _field(row, "raw_output", str, where)
+        row = upgrade_row(raw, settings=settings)
+        if "context" not in row and "gold_answers" in row:
+            raise SourceError(f"{where}: a predictions.jsonl row of an earlier blah_eval, without its context; "
+                              "rerun blah_eval with the same config and output_dir to rewrite it in today's fields "
+                              "(nothing is answered again), then import it")
+        for name in REQUIRED:
+            if name not in row:
+                raise SourceError(f"{where}: missing field {name!r} (not a Prediction row: import blah_eval's "
+                                  "predictions.jsonl or review_queue.jsonl, or blah_generate's generations.jsonl)")
+        gold = row.get("gold_answers")
         items.append(ReviewItem(
-            qid=qid, context=context, question=_field(row, "question", str, where), title=title, model_answer=answer,
-            raw_output=raw, na_prob=_field(row, "na_prob", float, where), gold_answers=gold,
-            run_dir=str(row.get("run_dir") or settings.get("run_dir") or ""),
-            stage=str(row.get("stage") or settings.get("stage") or ""), source_file=os.path.abspath(path)))
+            qid=_field(row, "id", str, where), context=_field(row, "context", str, where),
+            question=_field(row, "question", str, where), title=_field(row, "title", str, where),
+            model_answer=_field(row, "model_answer", str, where, nullable=True),
+            raw_output=_field(row, "raw_output", str, where), na_prob=_field(row, "na_prob", float, where),
+            gold_answers=None if gold is None else [str(a) for a in _field(row, "gold_answers", list, where)],
+            run_dir=_field(row, "run_dir", str, where), stage=_field(row, "stage", str, where),
+            source_file=os.path.abspath(path)))
     return items
-
-
-def _kind_or_none(row: Mapping[str, Any]) -> Optional[str]:
-    try:
-        return _kind(row)
-    except SourceError:
-        return None

@@ -55,20 +55,23 @@ def _free_port():
 
 @pytest.fixture
 def server(tmp_path):
-    """The web app on 127.0.0.1 (uvicorn in a thread) over a fresh database."""
+    """The web app on 127.0.0.1 (uvicorn in a thread) over a fresh database with reviewers ana, bo
+    and cy and an admin, root: yields (db, url, {name: token})."""
     import uvicorn
 
     from torchtune_blah.review.server import create_app
 
     db = ReviewDB(str(tmp_path / "review.sqlite"))
+    tokens = {name: db.add_reviewer(name, admin=name == "root") for name in ("ana", "bo", "cy", "root")}
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(db, guidelines="# Guidelines\nMark the shortest span."),
+                                        host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started:
         assert time.time() < deadline
         time.sleep(0.05)
-    yield db, f"http://127.0.0.1:{port}"
+    yield db, f"http://127.0.0.1:{port}", tokens
     srv.should_exit = True
     thread.join(10)

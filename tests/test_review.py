@@ -30,7 +30,7 @@ def test_import_reads_every_source_once(eval_output, tmp_path):
     assert db.import_items(read_items(str(eval_output / "review_queue.jsonl"))) == 0
     gen = synthetic_generations(tmp_path / "generations.jsonl", 10)
     assert db.import_items(read_items(gen)) == 10
-    assert db.progress() == {"total": 34, "reviewed": 0, "skipped": 0, "agreement": None}
+    assert db.progress() == {"total": 34, "reviewed": 0, "skipped": 0, "overlap": 1, "agreement": None}
     # queue order: review_queue.jsonl's order for the evaluated items
     queue = [json.loads(line)["id"] for line in (eval_output / "review_queue.jsonl").read_text().splitlines()]
     first = db.next_item("ana")
@@ -136,7 +136,7 @@ def test_decisions_undo_and_export(tmp_path):
     assert [d["action"] for d in db.decisions()] == ["span", "no_answer", "undo", "skip"]
     assert db.progress()["reviewed"] == 1 and db.progress()["skipped"] == 1
     out = tmp_path / "corrections.jsonl"
-    assert db.export(str(out)) == 1
+    assert db.export(str(out)) == {"written": 1, "unresolved": [], "pending": 0}
     record = json.loads(out.read_text())
     assert record["answers"] == [{"text": context[5:15], "answer_start": 5}] and record["note"] == "by hand"
     assert load_squad_records("json", data_files=str(out))[0].answers == (context[5:15],)  # training data as is
@@ -145,42 +145,227 @@ def test_decisions_undo_and_export(tmp_path):
     stamp = db.decisions()[-1]["decided_at"]
     later = db.next_item("ana")  # the skipped item comes back last; take a fresh one
     db.decide(later.item["item_id"], later.token, "ana", "no_answer")
-    assert db.export(str(out), since=stamp, overwrite=True) == 1
+    assert db.export(str(out), since=stamp, overwrite=True)["written"] == 1
     assert json.loads(out.read_text())["answers"] == []
     assert review_cli(["export", "--db", str(tmp_path / "review.sqlite"), "--out", str(out)]) == 2
 
 
-def _http(method, url, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+def _http(method, url, body=None, token=None, headers=None, raw=None):
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    h = {"Content-Type": "application/json"} if data is not None else {}
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    h.update(headers or {})
+    request = urllib.request.Request(url, data=data, method=method, headers=h)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"error": text.decode("utf-8", "replace")}
+
+
+def _leases(db):
+    with sqlite3.connect(db.path) as conn:
+        return sorted(conn.execute("SELECT item_id, reviewer FROM leases").fetchall())
 
 
 def test_http_errors_are_4xx_and_write_nothing(server, tmp_path):
-    db, url = server
+    db, url, tok = server
     db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 3)))
-    status, got = _http("GET", f"{url}/api/next?reviewer=ana")
+    status, got = _http("GET", f"{url}/api/next", token=tok["ana"])
     item, lease = got["item"], got["lease"]
     cases = [({"item_id": 12345}, 404, "unknown item"), ({"lease": "old"}, 409, "not leased to you"),
              ({"action": "span", "answer": "zzz", "answer_start": 0}, 422, "not the span"),
-             ({"reviewer": ""}, 400, "reviewer must be a name"), ({"item_id": "1"}, 400, "item_id must be")]
+             ({"item_id": "1"}, 400, "item_id must be"), ({"item_id": 2 ** 70}, 400, "item_id must be"),
+             ({"item_id": -1}, 400, "item_id must be"), ({"answer_start": 2 ** 70, "action": "span", "answer": "a"},
+                                                         422, "answer_start")]
     for change, code, text in cases:
-        body = {"item_id": item["item_id"], "lease": lease, "reviewer": "ana", "action": "no_answer", **change}
-        status, answer = _http("POST", f"{url}/api/decide", body)
+        body = {"item_id": item["item_id"], "lease": lease, "action": "no_answer", **change}
+        status, answer = _http("POST", f"{url}/api/decide", body, token=tok["ana"])
         assert status == code and text in answer["error"], (change, status, answer)
-    assert _http("POST", f"{url}/api/undo", {"reviewer": "ana"})[0] == 409  # nothing to undo yet
+    assert _http("GET", f"{url}/api/item?item_id={2 ** 70}", token=tok["ana"])[0] == 400
+    assert _http("POST", f"{url}/api/undo", {}, token=tok["ana"])[0] == 409  # nothing to undo yet
     assert db.decisions() == []
-    status, page = 0, urllib.request.urlopen(f"{url}/", timeout=10).read().decode()
+    with urllib.request.urlopen(f"{url}/", timeout=10) as response:
+        page, headers = response.read().decode(), response.headers
     assert "<script src=\"/static/app.js\"></script>" in page and "http" not in page.split("<body>")[1].split(
         "</main>")[0].replace("http://", "")  # no CDN
+    assert 'name="viewport"' in page
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"] and headers["X-Frame-Options"] == "DENY"
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+    assert _http("GET", f"{url}/api/guidelines", token=tok["bo"])[1]["text"].startswith("# Guidelines")
+
+
+def test_nobody_can_act_as_someone_else(server, tmp_path):
+    db, url, tok = server
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 3)))
+    assert _http("GET", f"{url}/api/next")[0] == 401  # no token
+    assert _http("GET", f"{url}/api/next", token="made-up")[0] == 401
+    assert _http("GET", f"{url}/api/next?reviewer=bo", token=tok["ana"])[0] == 403  # another's name
+    assert _leases(db) == []
+    status, got = _http("GET", f"{url}/api/next", token=tok["bo"])
+    body = {"item_id": got["item"]["item_id"], "lease": got["lease"], "action": "no_answer"}
+    # bo's lease token is not enough: the reviewer is the Authorization token's
+    assert _http("POST", f"{url}/api/decide", body, token=tok["ana"])[0] == 409
+    assert _http("POST", f"{url}/api/decide", {**body, "reviewer": "bo"}, token=tok["ana"])[0] == 403
+    assert _http("POST", f"{url}/api/decide", body)[0] == 401
+    # admin routes need an admin
+    assert _http("GET", f"{url}/api/disagreements", token=tok["ana"])[0] == 403
+    assert _http("POST", f"{url}/api/resolve", {"item_id": 1, "action": "no_answer"}, token=tok["ana"])[0] == 403
+    assert _http("POST", f"{url}/api/release", {}, token=tok["ana"])[0] == 403
+    assert db.decisions() == [] and db.resolutions() == {}
+    assert _http("POST", f"{url}/api/decide", body, token=tok["bo"])[0] == 200
+    assert [d["reviewer"] for d in db.decisions()] == ["bo"]
+    assert _http("GET", f"{url}/api/me", token=tok["root"])[1] == {"name": "root", "admin": True}
+
+
+def test_cross_site_plain_text_wrong_host_and_huge_bodies_are_refused(server, tmp_path):
+    import http.client
+
+    db, url, tok = server
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 2)))
+    status, got = _http("GET", f"{url}/api/next", token=tok["ana"])
+    decide = json.dumps({"item_id": got["item"]["item_id"], "lease": got["lease"], "action": "no_answer"}).encode()
+    auth = {"Authorization": f"Bearer {tok['ana']}"}
+    for headers, code in [({"Content-Type": "text/plain"}, 415),  # what a cross-site form or fetch can send
+                          ({"Origin": "http://evil.example"}, 403),
+                          ({"Sec-Fetch-Site": "cross-site"}, 403)]:
+        for route in ("decide", "undo"):
+            status, answer = _http("POST", f"{url}/api/{route}", raw=decide, headers={**auth, **headers})
+            assert status == code, (route, headers, status, answer)
+    # DNS rebinding: a page of evil.example resolving to 127.0.0.1 sends its own Host
+    host, port = url.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/api/next", headers={**auth, "Host": "evil.example"})
+    assert conn.getresponse().status == 400
+    conn.close()
+    # 20 MB announced: refused from the headers, the body is never read
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", "/api/decide")
+    for k, v in {**auth, "Content-Type": "application/json", "Content-Length": str(20 * 1024 * 1024)}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.send(decide[:10])
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert db.decisions() == []
+    assert _http("POST", f"{url}/api/decide", raw=decide, headers={**auth, "Origin": url})[0] == 200  # same origin
+
+
+def test_undo_never_overwrites_another_reviewer_and_leases_are_bounded(server, tmp_path):
+    db, url, tok = server
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 1)))
+    got = _http("GET", f"{url}/api/next", token=tok["ana"])[1]
+    assert _http("POST", f"{url}/api/decide", {"item_id": got["item"]["item_id"], "lease": got["lease"],
+                                                "action": "skip"}, token=tok["ana"])[0] == 200
+    got = _http("GET", f"{url}/api/next", token=tok["bo"])[1]  # ana skipped it: bo gets it and decides
+    assert _http("POST", f"{url}/api/decide", {"item_id": got["item"]["item_id"], "lease": got["lease"],
+                                                "action": "no_answer"}, token=tok["bo"])[0] == 200
+    status, answer = _http("POST", f"{url}/api/undo", {}, token=tok["ana"])
+    assert status == 409 and "bo decided this item after you" in answer["error"]
+    assert [d["action"] for d in db.decisions()] == ["skip", "no_answer"]
+    out = tmp_path / "c.jsonl"
+    db.export(str(out))
+    assert [(r["answers"], r["reviewer"]) for r in map(json.loads, out.read_text().splitlines())] == [([], "bo")]
+    # squatting: a reviewer holds one item, however often they ask
+    db.import_items(read_items(synthetic_generations(tmp_path / "more.jsonl", 20, seed=5)))
+    for _ in range(30):
+        assert _http("GET", f"{url}/api/next", token=tok["cy"])[0] == 200
+    assert [r for _, r in _leases(db)] == ["cy"]
+    assert _http("POST", f"{url}/api/release", {"holder": "cy"}, token=tok["root"])[1] == {"released": 1}
+
+
+def test_two_reviewers_per_item_agreement_and_an_admin_resolution(server, tmp_path):
+    db, url, tok = server
+    db.set_overlap(2)
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 3)))
+    a = _http("GET", f"{url}/api/next", token=tok["ana"])[1]
+    b = _http("GET", f"{url}/api/next", token=tok["bo"])[1]
+    c = _http("GET", f"{url}/api/next", token=tok["cy"])[1]
+    assert a["item"]["item_id"] == b["item"]["item_id"] != c["item"]["item_id"]  # two leases, never a third
+    item = a["item"]
+    word = item["context"].split()[1]
+    start = item["context"].index(word)
+    span = {"action": "span", "answer": word, "answer_start": start}
+    assert _http("POST", f"{url}/api/decide", {"item_id": item["item_id"], "lease": a["lease"], **span},
+                 token=tok["ana"])[0] == 200
+    assert _http("GET", f"{url}/api/next", token=tok["ana"])[1]["item"]["item_id"] != item["item_id"]  # never twice
+    assert _http("POST", f"{url}/api/decide", {"item_id": item["item_id"], "lease": b["lease"], "action": "no_answer"},
+                 token=tok["bo"])[0] == 200
+    stats = _http("GET", f"{url}/api/stats", token=tok["cy"])[1]
+    assert stats["disagreement"] == 1 and stats["exact_agreement"] == 0.0
+    assert stats["pairs"] == [{"reviewers": ["ana", "bo"], "items": 1, "exact_agreement": 0.0,
+                               "cohen_kappa_has_answer": 0.0}]
+    out = tmp_path / "c.jsonl"
+    assert db.export(str(out)) == {"written": 0, "unresolved": [item["qid"]], "pending": 0}
+    listed = _http("GET", f"{url}/api/disagreements", token=tok["root"])[1]["items"]
+    assert [(v["reviewer"], v["answer"]) for v in listed[0]["votes"]] == [("ana", word), ("bo", "?")]
+    assert _http("POST", f"{url}/api/resolve", {"item_id": item["item_id"], **span}, token=tok["root"])[0] == 200
+    db.export(str(out), overwrite=True)
+    record = json.loads(out.read_text())
+    assert record["answers"] == [{"text": word, "answer_start": start}] and record["resolution"] == "admin"
+    assert record["reviewer"] == "root" and record["reviewers"] == ["ana"]
+    # revise: bo changes their mind (a new row), and the history shows the latest
+    assert _http("POST", f"{url}/api/revise", {"item_id": item["item_id"], **span}, token=tok["bo"])[0] == 200
+    history = _http("GET", f"{url}/api/history?q={word}", token=tok["bo"])[1]["decisions"]
+    assert [(h["item_id"], h["answer"]) for h in history] == [(item["item_id"], word)]
+    assert _http("POST", f"{url}/api/revise", {"item_id": c["item"]["item_id"], "action": "no_answer"},
+                 token=tok["bo"])[0] == 403  # not bo's decision to revise
+    assert [d["action"] for d in db.decisions()] == ["span", "no_answer", "span"]
+
+
+def test_kappas_by_hand():
+    from torchtune_blah.review.agreement import cohen_kappa, fleiss_kappa, item_status
+
+    # Cohen's own kind of table: 50 items, yes/yes 20, yes/no 5, no/yes 10, no/no 15 -> 0.4
+    a = [True] * 25 + [False] * 25
+    b = [True] * 20 + [False] * 5 + [True] * 10 + [False] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    # with two raters Fleiss' kappa is Scott's pi: (0.7 - 0.505) / (1 - 0.505)
+    assert fleiss_kappa([[x, y] for x, y in zip(a, b)]) == pytest.approx(0.195 / 0.495)
+    assert fleiss_kappa([[True, True, True]] * 4) is None  # all the same: chance explains it
+    votes = [{"answer": "the Normans"}, {"answer": "Normans."}, {"answer": "?"}]
+    assert item_status(votes, 3)[0] == "agreed" and item_status(votes, 3)[1] is votes[1]  # normalised, latest
+    assert item_status(votes[1:], 2)[0] == "disagreement" and item_status(votes[:1], 2)[0] == "pending"
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    """tests/data/review_v1.sqlite was written by the version before reviewers had tokens: two
+    decisions, an undone skip (its item leased back to ana), a live lease of cy's."""
+    import shutil
+
+    path = tmp_path / "review.sqlite"
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "review_v1.sqlite"), path)
+    with sqlite3.connect(path) as conn:
+        before = {t: conn.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in ("decisions",)}
+        items = conn.execute("SELECT id, source_key, qid, context, model_answer FROM items ORDER BY id").fetchall()
+    db = ReviewDB(str(path))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT id, source_key, qid, context, model_answer FROM items ORDER BY id").fetchall() \
+            == items
+        after = conn.execute("SELECT id, item_id, reviewer, decided_at, action, answer, answer_start, note, undoes "
+                             "FROM decisions ORDER BY id").fetchall()
+    assert after == before["decisions"]
+    assert _leases(db) == [(4, "ana"), (5, "cy")]
+    assert db.next_item("ana").item["item_id"] == 4  # ana still holds the undone item
+    out = tmp_path / "c.jsonl"
+    db.export(str(out))
+    old = [json.loads(line) for line in open(os.path.join(os.path.dirname(__file__), "data", "review_v1_export.jsonl"))]
+    new = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = ("id", "title", "context", "question", "answers", "reviewer", "decided_at", "note")
+    assert [{k: r.get(k) for k in keys} for r in new] == [{k: r.get(k) for k in keys} for r in old]
+    ReviewDB(str(path))  # opening it again changes nothing
+    assert db.decisions() == [dict(zip(("id", "item_id", "reviewer", "decided_at", "action", "answer", "answer_start",
+                                         "note", "undoes", "seconds"), (*row, None))) for row in after]
 
 
 def test_two_reviewers_in_parallel_never_share_an_item(server, tmp_path):
-    db, url = server
+    db, url, tok = server
     db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 300, seed=1)))
     done = {"ana": [], "bo": []}
     errors = []
@@ -188,7 +373,7 @@ def test_two_reviewers_in_parallel_never_share_an_item(server, tmp_path):
     def review(name):
         rng = random.Random(name)
         while True:
-            status, got = _http("GET", f"{url}/api/next?reviewer={name}")
+            status, got = _http("GET", f"{url}/api/next", token=tok[name])
             if status != 200:
                 errors.append((name, status, got))
                 return
@@ -196,8 +381,8 @@ def test_two_reviewers_in_parallel_never_share_an_item(server, tmp_path):
                 return
             action = rng.choice(["accept", "no_answer"]) if got["item"]["highlight"] else "no_answer"
             status, answer = _http("POST", f"{url}/api/decide", {"item_id": got["item"]["item_id"],
-                                                                 "lease": got["lease"], "reviewer": name,
-                                                                 "action": action})
+                                                                 "lease": got["lease"], "action": action},
+                                token=tok[name])
             if status != 200:
                 errors.append((name, status, answer))
                 return
@@ -240,7 +425,7 @@ def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(traine
             db.decide(lease.item["item_id"], lease.token, "ana", "span", answer=context[start:start + 12].strip(),
                       answer_start=start)
     corrections = tmp_path / "corrections.jsonl"
-    assert db.export(str(corrections)) == 8
+    assert db.export(str(corrections))["written"] == 8
 
     out = tmp_path / "run2"
     cfg = demo_cfg(fast_overrides(out, tiny_base, **{

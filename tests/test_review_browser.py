@@ -1,9 +1,10 @@
 """The review page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
-Selenium), as a reviewer would use it: keyboard shortcuts, a span selected with the mouse, undo,
-reload, then the export.
+Selenium), as reviewers would use it: a token, keyboard shortcuts, a span selected with the mouse,
+undo, reload, the export; two reviewers on the same items and an admin resolving their
+disagreement; the layout at 390 px and 1600 px.
 
 ``TORCHTUNE_BLAH_SCREENSHOT_DIR=docs python -m pytest tests/test_review_browser.py`` also writes
-the README's screenshots (small palette PNGs) from this same session.
+docs/review.md's screenshots (small palette PNGs) from this same session.
 """
 
 import json
@@ -15,6 +16,7 @@ import pytest
 from review_fixtures import eval_output, server  # noqa: F401  (fixtures)
 
 from torchtune_blah.review.__main__ import main as review_cli
+from torchtune_blah.review.sources import read_items
 
 pytestmark = pytest.mark.slow  # a trained run, an evaluation and headless Chromium: the full suite only (python -m pytest -q)
 
@@ -103,15 +105,25 @@ def _not_blank(png_path):
     return high - low > 100 and colors > 20
 
 
+def _sign_in(driver, url, token):
+    driver.get(url + "/")
+    driver.execute_script("localStorage.clear()")  # whoever was signed in here before
+    driver.get(url + "/")
+    _wait(driver, lambda d: d.find_element("id", "login").is_displayed())
+    driver.find_element("id", "token").send_keys(token + "\n")
+    _wait(driver, lambda d: d.find_element("id", "item").is_displayed() or d.find_element("id", "empty").is_displayed())
+
+
 def test_a_reviewer_works_through_the_page(server, eval_output, browser, tmp_path):  # noqa: F811
-    db, url = server
+    db, url, tokens = server
     assert review_cli(["import", "--db", db.path, str(eval_output / "predictions.jsonl")]) == 0
     total = db.progress()["total"]
     driver = browser
     driver.get(url + "/")
-    name = driver.find_element("id", "reviewer")
-    name.send_keys("ana\n")
-    _wait(driver, lambda d: d.find_element("id", "item").is_displayed())
+    assert driver.find_element("id", "login").is_displayed() and not driver.find_element("id", "item").is_displayed()
+    _sign_in(driver, url, tokens["ana"])
+    assert driver.find_element("id", "whoami").text == "ana" and not driver.find_element("id", "login").is_displayed()
+    assert driver.find_element("id", "guidelines").is_displayed()
     expected = {}
 
     # 1. accept the model's answer (keyboard "a"); items whose answer cannot be accepted are skipped ("k")
@@ -129,11 +141,14 @@ def test_a_reviewer_works_through_the_page(server, eval_output, browser, tmp_pat
         _next_item_after(driver, item["id"])
     item = _next_item_after(driver, item["id"])
 
-    # 2. no answer in the context (keyboard "n")
-    _press(driver, "n")
+    # 2. no answer in the context (keyboard "n", pressed twice at once: one decision, no error)
+    decided = len(db.decisions())
+    _press(driver, "nn")
     _saved(driver, "no answer")
     expected[item["id"]] = []
     item = _next_item_after(driver, item["id"])
+    assert len(db.decisions()) == decided + 1 and "error" not in driver.find_element("id", "message").get_attribute(
+        "class")
 
     # 3. a span selected with the mouse, then the button
     word, start = _double_click_word(driver, 2)
@@ -165,11 +180,59 @@ def test_a_reviewer_works_through_the_page(server, eval_output, browser, tmp_pat
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert {k: r["answers"] for k, r in records.items()} == expected
 
-    target = os.environ.get("TORCHTUNE_BLAH_SCREENSHOT_DIR")
-    if target:  # the README's screenshots, from this session
-        from PIL import Image
 
-        os.makedirs(target, exist_ok=True)
-        for name in ("review_page.png",):
-            Image.open(tmp_path / name).convert("RGB").quantize(colors=64).save(os.path.join(target, name),
-                                                                               optimize=True)
+
+def test_two_reviewers_on_each_item_and_an_admin_who_resolves(server, browser, tmp_path):  # noqa: F811
+    from review_fixtures import synthetic_generations
+
+    db, url, tokens = server
+    db.set_overlap(2)
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 3)))
+    driver = browser
+    # ana: no answer; bo: a span of the same item (the page shows both of them the same first item)
+    _sign_in(driver, url, tokens["ana"])
+    first = _item(driver)
+    _press(driver, "n")
+    _saved(driver, "no answer")
+    _sign_in(driver, url, tokens["bo"])
+    assert _item(driver)["id"] == first["id"]
+    word, start = _double_click_word(driver, 1)
+    _wait(driver, lambda d: d.find_element("id", "selected").text == f'"{word}"')
+    _press(driver, "s")
+    _saved(driver, "span")
+    driver.find_element("css selector", "#stats summary").click()
+    _wait(driver, lambda d: "1 in disagreement" in d.find_element("id", "stats-body").text)
+    assert "ana" in driver.find_element("id", "stats-body").text
+    # root (admin) picks bo's answer
+    _sign_in(driver, url, tokens["root"])
+    assert driver.find_element("id", "admin").is_displayed()
+    driver.find_element("css selector", "#admin summary").click()
+    button = _wait(driver, lambda d: next((b for b in d.find_elements("css selector", "#disagreements button")
+                                           if b.text.startswith(f'bo: "{word}"')), None))
+    assert any(b.text.startswith("ana: no answer") for b in driver.find_elements("css selector", "#disagreements button"))
+    button.click()
+    _wait(driver, lambda d: d.find_element("id", "message").text.startswith("Resolved"))
+    out = tmp_path / "corrections.jsonl"
+    assert review_cli(["export", "--db", db.path, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["id"] == first["id"] and record["answers"] == [{"text": word, "answer_start": start}]
+    assert record["resolution"] == "admin" and record["reviewers"] == ["bo"]
+
+    # the layout on a phone and on a wide screen: nothing runs off the side
+    target = os.environ.get("TORCHTUNE_BLAH_SCREENSHOT_DIR")
+    _sign_in(driver, url, tokens["cy"])
+    for width, height in ((390, 844), (1600, 1000)):
+        driver.set_window_size(width, height)
+        _wait(driver, lambda d: d.execute_script("return window.innerWidth") <= width)
+        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, (width, overflow)
+        header = driver.execute_script("return document.querySelector('header').getBoundingClientRect().right")
+        assert header <= width
+        shot = tmp_path / f"review_page_{width}.png"
+        driver.save_screenshot(str(shot))
+        assert _not_blank(shot)
+        if target:
+            from PIL import Image
+
+            os.makedirs(target, exist_ok=True)
+            Image.open(shot).convert("RGB").quantize(colors=64).save(os.path.join(target, shot.name), optimize=True)

@@ -1,6 +1,7 @@
-"""python -m torchtune_blah.review {serve,import,export}: the review tool's command line."""
+"""python -m torchtune_blah.review {import,add-reviewer,reviewers,serve,stats,export}: the review tool's command line."""
 
 import argparse
+import json
 import sys
 from typing import Optional, Sequence
 
@@ -15,12 +16,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     imp = sub.add_parser("import", help="add blah_eval / blah_generate outputs to the review database")
     imp.add_argument("--db", required=True, help="the SQLite file (created if missing)")
     imp.add_argument("files", nargs="+", help="predictions.jsonl, review_queue.jsonl or generations.jsonl")
+    add = sub.add_parser("add-reviewer", help="create a reviewer and print their token (shown once)")
+    add.add_argument("--db", required=True)
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may resolve disagreements and release leases")
+    who = sub.add_parser("reviewers", help="list the reviewers")
+    who.add_argument("--db", required=True)
     srv = sub.add_parser("serve", help="the review web app")
     srv.add_argument("--db", required=True)
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--lease-seconds", type=float, default=600.0,
                      help="how long a reviewer holds an item before another may take it (default 600)")
+    srv.add_argument("--overlap", type=int, default=None,
+                     help="how many different reviewers see each item (stored in the database; default 1)")
+    srv.add_argument("--guidelines", default=None, help="a Markdown file shown on the page")
+    srv.add_argument("--allowed-host", action="append", default=[],
+                     help="a Host name the server answers to (default: the --host, or localhost)")
+    st = sub.add_parser("stats", help="agreement and per-reviewer numbers (JSON)")
+    st.add_argument("--db", required=True)
     exp = sub.add_parser("export", help="reviewed items as training records (JSONL)")
     exp.add_argument("--db", required=True)
     exp.add_argument("--out", required=True, help="corrections.jsonl (id, context, question, answers)")
@@ -33,13 +47,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             items = [item for path in args.files for item in read_items(path)]
             added = ReviewDB(args.db).import_items(items)
             print(f"{args.db}: {added} new items ({len(items) - added} already there)")
+        elif args.command == "add-reviewer":
+            token = ReviewDB(args.db).add_reviewer(args.name, admin=args.admin)
+            print(f"{args.name}{' (admin)' if args.admin else ''}: {token}\n(give this token to {args.name}; "
+                  "it is not stored and cannot be shown again)")
+        elif args.command == "reviewers":
+            for r in ReviewDB(args.db, create=False).reviewers():
+                print(f"{r['name']}{' (admin)' if r['admin'] else ''}  since {r['created_at']}")
         elif args.command == "serve":
             from torchtune_blah.review.server import serve
 
-            serve(args.db, host=args.host, port=args.port, lease_seconds=args.lease_seconds)
+            serve(args.db, host=args.host, port=args.port, lease_seconds=args.lease_seconds, overlap=args.overlap,
+                  guidelines_path=args.guidelines, allowed_hosts=args.allowed_host)
+        elif args.command == "stats":
+            from torchtune_blah.review.agreement import stats
+
+            print(json.dumps(stats(ReviewDB(args.db, create=False)), indent=2))
         else:
-            n = ReviewDB(args.db, create=False).export(args.out, since=args.since, overwrite=args.overwrite)
-            print(f"{args.out}: {n} reviewed questions")
+            result = ReviewDB(args.db, create=False).export(args.out, since=args.since, overwrite=args.overwrite)
+            print(f"{args.out}: {result['written']} reviewed questions; {result['pending']} items still need "
+                  f"reviewers; {len(result['unresolved'])} in disagreement"
+                  + (f" (an admin resolves them on the page): {', '.join(result['unresolved'])}"
+                     if result["unresolved"] else ""))
     except (ReviewError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,19 +3,30 @@
 Tables:
 
 - ``items``: one model output to review (question, context, the model's answer, raw output,
-  abstention probability, the run/stage/file it came from), its queue priority, and its lease
-  (who holds it, until when). Importing the same output twice adds nothing (``source_key``).
+  abstention probability, the run/stage/file it came from) and its queue priority. Importing the
+  same output twice adds nothing (``source_key``).
+- ``reviewers``: who may review, created by whoever runs the server (``add_reviewer``); only a
+  SHA-256 of each token is stored. Admins may also resolve disagreements and release leases.
+- ``leases``: which reviewer holds which item, until when (at most one item per reviewer; with
+  ``overlap`` N an item is leased to at most N reviewers at once, never twice to one).
 - ``decisions``: the audit trail, append-only. Every accept / no-answer / span / skip is a row
-  with reviewer and time; an undo is a row that names the decision it undoes. An item's
-  *effective* decision is its latest decision that is neither an undo nor undone.
+  with reviewer, time and the seconds the reviewer had the item; a revision is a newer row of the
+  same reviewer on the same item; an undo is a row naming the decision it undoes. A reviewer's
+  *vote* on an item is their latest decision that is neither an undo nor undone.
+- ``resolutions``: an admin's final answer for an item the reviewers disagree on (latest wins).
+- ``settings``: ``overlap``, how many reviewers see each item.
 
 Every write is one ``BEGIN IMMEDIATE`` transaction, so concurrent reviewers (threads of the web
-app, or several processes) never interleave: two reviewers never lease the same item, and a
-decision is written only by the holder of a live lease.
+app, or several processes) never interleave. A database of schema version 1 (self-asserted
+reviewer names, one lease per item) is migrated in place; nothing in it is lost.
+
+(Over 350 lines: one owner for every write to the file, so every rule above is checked in one place.)
 """
 
+import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import time
 import uuid
@@ -27,12 +38,13 @@ from typing import Any, Dict, Iterator, List, Optional
 from torchtune_blah.checkpointing import atomic_text
 from torchtune_blah.review.sources import ReviewItem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ACTIONS = ("accept", "no_answer", "span", "skip")
 REVIEWED = ("accept", "no_answer", "span")
 NO_ANSWER = "?"
+MAX_ID = 2 ** 63 - 1  # SQLite's INTEGER
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
     source_key TEXT NOT NULL UNIQUE,
@@ -50,10 +62,7 @@ CREATE TABLE IF NOT EXISTS items (
     imported_at TEXT NOT NULL,
     p_valid INTEGER NOT NULL,
     p_agrees INTEGER NOT NULL,
-    p_distance REAL NOT NULL,
-    lease_token TEXT,
-    lease_reviewer TEXT,
-    lease_expires REAL
+    p_distance REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,16 +73,58 @@ CREATE TABLE IF NOT EXISTS decisions (
     answer TEXT,
     answer_start INTEGER,
     note TEXT,
-    undoes INTEGER UNIQUE REFERENCES decisions(id)
+    undoes INTEGER UNIQUE REFERENCES decisions(id),
+    seconds REAL
 );
 CREATE INDEX IF NOT EXISTS decisions_item ON decisions(item_id);
 CREATE INDEX IF NOT EXISTS items_queue ON items(p_valid, p_agrees, p_distance, id);
+"""
+
+_V2 = """
+CREATE TABLE IF NOT EXISTS reviewers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    admin INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    item_id INTEGER NOT NULL REFERENCES items(id),
+    reviewer TEXT NOT NULL,
+    token TEXT NOT NULL,
+    granted REAL NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (item_id, reviewer)
+);
+CREATE TABLE IF NOT EXISTS resolutions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id INTEGER NOT NULL REFERENCES items(id),
+    admin TEXT NOT NULL,
+    resolved_at TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    answer_start INTEGER,
+    note TEXT
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+DROP VIEW IF EXISTS effective;
 CREATE VIEW IF NOT EXISTS live_decisions AS
     SELECT d.* FROM decisions d
     WHERE d.action != 'undo' AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.undoes = d.id);
-CREATE VIEW IF NOT EXISTS effective AS
+CREATE VIEW IF NOT EXISTS votes AS
     SELECT l.* FROM live_decisions l
-    WHERE l.id = (SELECT MAX(l2.id) FROM live_decisions l2 WHERE l2.item_id = l.item_id);
+    WHERE l.id = (SELECT MAX(l2.id) FROM live_decisions l2 WHERE l2.item_id = l.item_id AND l2.reviewer = l.reviewer);
+"""
+
+# Version 1 kept one lease in three columns of items: the live ones move to leases, then the
+# columns go (SQLite >= 3.35).
+_V1_TO_V2 = """
+INSERT OR IGNORE INTO leases (item_id, reviewer, token, granted, expires)
+    SELECT id, lease_reviewer, lease_token, lease_expires - {lease}, lease_expires FROM items
+    WHERE lease_token IS NOT NULL AND lease_reviewer IS NOT NULL AND lease_expires IS NOT NULL;
+ALTER TABLE items DROP COLUMN lease_token;
+ALTER TABLE items DROP COLUMN lease_reviewer;
+ALTER TABLE items DROP COLUMN lease_expires;
+ALTER TABLE decisions ADD COLUMN seconds REAL;
 """
 
 
@@ -89,11 +140,21 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
 @dataclass
 class Lease:
     item: Dict[str, Any]
     token: str
     expires: float
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    name: str
+    admin: bool
 
 
 class ReviewDB:
@@ -105,29 +166,30 @@ class ReviewDB:
         self.lease_seconds = float(lease_seconds)
         if not create and not os.path.isfile(path):
             raise ReviewError(f"{path} does not exist; import a file first (python -m torchtune_blah.review import)")
-        with self._connection() as conn:
+        with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise ReviewError(f"{path} has schema version {version}, newer than this torchtune-blah's "
                                   f"{SCHEMA_VERSION}: upgrade torchtune-blah to open it (nothing was changed)")
+            script = {0: _TABLES + _V2, 1: _V2 + _V1_TO_V2.format(lease=self.lease_seconds)}.get(version, "")
+            for statement in script.split(";\n"):  # (executescript would commit the transaction half-way)
+                if statement.strip():
+                    conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with self._connection() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
-            if version < SCHEMA_VERSION:  # IF NOT EXISTS everywhere: two processes creating it at once is fine
-                conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
-        try:
-            yield conn
-        finally:
-            conn.close()
-
-    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
-        return conn
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -140,6 +202,45 @@ class ReviewDB:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reviewers and settings
+
+    def add_reviewer(self, name: str, admin: bool = False) -> str:
+        """Create a reviewer; returns their token (shown once: only its hash is kept)."""
+        name = _name(name)
+        token = secrets.token_urlsafe(24)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM reviewers WHERE name = ?", (name,)).fetchone():
+                raise ReviewError(f"reviewer {name!r} exists; choose another name")
+            conn.execute("INSERT INTO reviewers (name, token_sha256, admin, created_at) VALUES (?, ?, ?, ?)",
+                         (name, token_hash(token), int(admin), now_iso()))
+        return token
+
+    def reviewers(self) -> List[Dict[str, Any]]:
+        with self._connection() as conn:
+            return [{"name": r["name"], "admin": bool(r["admin"]), "created_at": r["created_at"]}
+                    for r in conn.execute("SELECT * FROM reviewers ORDER BY id")]
+
+    def authenticate(self, token: Any) -> Optional[Reviewer]:
+        """The reviewer a token belongs to, or None."""
+        if not isinstance(token, str) or not token or len(token) > 200:
+            return None
+        with self._connection() as conn:
+            row = conn.execute("SELECT name, admin FROM reviewers WHERE token_sha256 = ?",
+                               (token_hash(token),)).fetchone()
+        return None if row is None else Reviewer(row["name"], bool(row["admin"]))
+
+    @property
+    def overlap(self) -> int:
+        with self._connection() as conn:
+            row = conn.execute("SELECT value FROM settings WHERE key = 'overlap'").fetchone()
+        return 1 if row is None else int(row["value"])
+
+    def set_overlap(self, overlap: int) -> None:
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 1 <= overlap <= 20:
+            raise ReviewError(f"overlap must be an integer from 1 to 20, got {overlap!r}")
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('overlap', ?)", (str(overlap),))
 
     # ------------------------------------------------------------------ import
 
@@ -162,91 +263,155 @@ class ReviewDB:
     # ------------------------------------------------------------------ queue and leases
 
     def next_item(self, reviewer: str) -> Optional[Lease]:
-        """The item this reviewer holds, else the first unreviewed item nobody holds (leased to
-        them for ``lease_seconds``); None when the queue is empty. Skipped items come last."""
-        reviewer = _reviewer(reviewer)
+        """The item this reviewer holds, else the first item they have not decided that still needs
+        reviewers (fewer than ``overlap`` votes and live leases of others), leased to them for
+        ``lease_seconds``; None when there is none. Items they skipped come last."""
+        reviewer = _name(reviewer)
         now = time.time()
+        overlap = self.overlap
         with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+            held = conn.execute("SELECT * FROM leases WHERE reviewer = ?", (reviewer,)).fetchone()
+            if held is not None:  # a reload keeps the reviewer's lease (same token), renewed
+                expires = now + self.lease_seconds
+                conn.execute("UPDATE leases SET expires = ? WHERE item_id = ? AND reviewer = ?",
+                             (expires, held["item_id"], reviewer))
+                row = conn.execute("SELECT * FROM items WHERE id = ?", (held["item_id"],)).fetchone()
+                return Lease(item=_item_view(row), token=held["token"], expires=expires)
             row = conn.execute(
-                "SELECT * FROM items WHERE lease_reviewer = ? AND lease_expires > ? ORDER BY id LIMIT 1",
-                (reviewer, now)).fetchone()
-            held = row is not None
-            if row is None:
-                row = conn.execute(
-                    "SELECT i.* FROM items i LEFT JOIN effective e ON e.item_id = i.id "
-                    "WHERE (e.action IS NULL OR e.action = 'skip') AND (i.lease_expires IS NULL OR i.lease_expires <= ?) "
-                    "ORDER BY (e.action IS NOT NULL), i.p_valid, i.p_agrees, i.p_distance, i.id LIMIT 1",
-                    (now,)).fetchone()
+                "SELECT i.*, mine.action AS my_action FROM items i "
+                "LEFT JOIN votes mine ON mine.item_id = i.id AND mine.reviewer = ? "
+                "WHERE (mine.action IS NULL OR mine.action = 'skip') "
+                "AND (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id AND v.action != 'skip') "
+                "  + (SELECT COUNT(*) FROM leases l WHERE l.item_id = i.id) < ? "
+                "ORDER BY (mine.action IS NOT NULL), i.p_valid, i.p_agrees, i.p_distance, i.id LIMIT 1",
+                (reviewer, overlap)).fetchone()
             if row is None:
                 return None
-            # A reload keeps the reviewer's lease (same token), renewed.
-            token, expires = row["lease_token"] if held else uuid.uuid4().hex, now + self.lease_seconds
-            conn.execute("UPDATE items SET lease_token = ?, lease_reviewer = ?, lease_expires = ? WHERE id = ?",
-                         (token, reviewer, expires, row["id"]))
+            token, expires = uuid.uuid4().hex, now + self.lease_seconds
+            conn.execute("INSERT INTO leases (item_id, reviewer, token, granted, expires) VALUES (?, ?, ?, ?, ?)",
+                         (row["id"], reviewer, token, now, expires))
             return Lease(item=_item_view(row), token=token, expires=expires)
+
+    def queue_state(self, reviewer: str) -> str:
+        """Why ``next_item`` found nothing: ``leased`` (items still need reviewers but others hold
+        them: try again soon) or ``done``."""
+        reviewer = _name(reviewer)
+        with self._connection() as conn:
+            waiting = conn.execute(
+                "SELECT COUNT(*) FROM items i WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id "
+                "AND v.reviewer = ? AND v.action != 'skip') AND "
+                "(SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id AND v.action != 'skip') < ?",
+                (reviewer, self.overlap)).fetchone()[0]
+        return "leased" if waiting else "done"
+
+    def release_leases(self, reviewer: Optional[str] = None) -> int:
+        """Admin: give back every lease (or one reviewer's); returns how many."""
+        with self._write() as conn:
+            if reviewer is None:
+                return conn.execute("DELETE FROM leases").rowcount
+            return conn.execute("DELETE FROM leases WHERE reviewer = ?", (_name(reviewer),)).rowcount
 
     def decide(self, item_id: int, lease_token: str, reviewer: str, action: str, answer: Optional[str] = None,
                answer_start: Optional[int] = None, note: Optional[str] = None) -> int:
         """Record a decision on a leased item; returns the decision id. Raises ``ReviewError``
         (nothing written) for an unknown item (404), a lease that is not the caller's or has
         expired (409), or an answer that is not a span of the context (422)."""
-        reviewer = _reviewer(reviewer)
-        if action not in ACTIONS:
-            raise ReviewError(f"action must be one of {ACTIONS}, got {action!r}")
-        if note is not None and (not isinstance(note, str) or len(note) > 4000):
-            raise ReviewError("note must be a text of at most 4000 characters")
+        reviewer, item_id = _name(reviewer), _item_id(item_id)
+        _check_action(action, note)
+        now = time.time()
         with self._write() as conn:
             row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
-                raise ReviewError(f"unknown item {item_id!r}", 404)
-            if row["lease_token"] != lease_token or row["lease_reviewer"] != reviewer:
-                raise ReviewError(f"item {item_id} is not leased to you (any more): reload to get your next item", 409)
-            if row["lease_expires"] is None or row["lease_expires"] <= time.time():
-                raise ReviewError(f"your lease on item {item_id} expired: reload to get your next item", 409)
+                raise ReviewError(f"unknown item {item_id}", 404)
+            lease = conn.execute("SELECT * FROM leases WHERE item_id = ? AND reviewer = ?",
+                                 (item_id, reviewer)).fetchone()
+            if lease is None or lease["token"] != lease_token:
+                raise ReviewError("this item is not leased to you (any more): reload to get your next item", 409)
+            if lease["expires"] <= now:
+                raise ReviewError("your lease on this item expired: reload to get your next item", 409)
             answer, answer_start = _checked_answer(row, action, answer, answer_start)
             cursor = conn.execute(
-                "INSERT INTO decisions (item_id, reviewer, decided_at, action, answer, answer_start, note) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (item_id, reviewer, now_iso(), action, answer, answer_start,
-                                                 note or None))
-            conn.execute("UPDATE items SET lease_token = NULL, lease_reviewer = NULL, lease_expires = NULL "
-                         "WHERE id = ?", (item_id,))
+                "INSERT INTO decisions (item_id, reviewer, decided_at, action, answer, answer_start, note, seconds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (item_id, reviewer, now_iso(), action, answer, answer_start,
+                                                    note or None, round(now - lease["granted"], 3)))
+            conn.execute("DELETE FROM leases WHERE item_id = ? AND reviewer = ?", (item_id, reviewer))
             return cursor.lastrowid
 
+    def revise(self, item_id: int, reviewer: str, action: str, answer: Optional[str] = None,
+               answer_start: Optional[int] = None, note: Optional[str] = None) -> int:
+        """A new decision of ``reviewer`` on an item they decided before (the old row stays)."""
+        reviewer, item_id = _name(reviewer), _item_id(item_id)
+        _check_action(action, note)
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise ReviewError(f"unknown item {item_id}", 404)
+            if not conn.execute("SELECT 1 FROM votes WHERE item_id = ? AND reviewer = ?", (item_id, reviewer)).fetchone():
+                raise ReviewError("you have not decided this item: revise only your own decisions", 403)
+            answer, answer_start = _checked_answer(row, action, answer, answer_start)
+            return conn.execute(
+                "INSERT INTO decisions (item_id, reviewer, decided_at, action, answer, answer_start, note) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (item_id, reviewer, now_iso(), action, answer, answer_start, note or None)).lastrowid
+
     def undo(self, reviewer: str) -> Lease:
-        """Undo this reviewer's last live decision (an appended ``undo`` row) and lease its item
-        back to them. 409 when there is nothing to undo, or the item is held by someone else."""
-        reviewer = _reviewer(reviewer)
+        """Undo this reviewer's latest live decision (an appended ``undo`` row) and lease its item
+        back to them. 409 when there is nothing to undo, when someone else decided the item since,
+        or when it is leased to someone else and no place is left."""
+        reviewer = _name(reviewer)
         now = time.time()
         with self._write() as conn:
             last = conn.execute("SELECT * FROM live_decisions WHERE reviewer = ? ORDER BY id DESC LIMIT 1",
                                 (reviewer,)).fetchone()
             if last is None:
                 raise ReviewError("nothing to undo", 409)
-            row = conn.execute("SELECT * FROM items WHERE id = ?", (last["item_id"],)).fetchone()
-            if row["lease_reviewer"] not in (None, reviewer) and row["lease_expires"] > now:
-                raise ReviewError(f"item {row['id']} is being reviewed by {row['lease_reviewer']}; try again later",
-                                  409)
+            later = conn.execute("SELECT reviewer FROM live_decisions WHERE item_id = ? AND id > ? AND reviewer != ?",
+                                 (last["item_id"], last["id"], reviewer)).fetchone()
+            if later is not None:
+                raise ReviewError(f"{later['reviewer']} decided this item after you: undo would change theirs too; "
+                                  "revise your decision from the history instead", 409)
             conn.execute("INSERT INTO decisions (item_id, reviewer, decided_at, action, undoes) VALUES (?, ?, ?, ?, ?)",
                          (last["item_id"], reviewer, now_iso(), "undo", last["id"]))
             # Give back whatever else the reviewer held, then lease them the undone item.
-            conn.execute("UPDATE items SET lease_token = NULL, lease_reviewer = NULL, lease_expires = NULL "
-                         "WHERE lease_reviewer = ?", (reviewer,))
+            conn.execute("DELETE FROM leases WHERE reviewer = ?", (reviewer,))
             token, expires = uuid.uuid4().hex, now + self.lease_seconds
-            conn.execute("UPDATE items SET lease_token = ?, lease_reviewer = ?, lease_expires = ? WHERE id = ?",
-                         (token, reviewer, expires, row["id"]))
+            conn.execute("INSERT INTO leases (item_id, reviewer, token, granted, expires) VALUES (?, ?, ?, ?, ?)",
+                         (last["item_id"], reviewer, token, now, expires))
+            row = conn.execute("SELECT * FROM items WHERE id = ?", (last["item_id"],)).fetchone()
             return Lease(item=_item_view(row), token=token, expires=expires)
+
+    def resolve(self, item_id: int, admin: str, action: str, answer: Optional[str] = None,
+                answer_start: Optional[int] = None, note: Optional[str] = None) -> int:
+        """An admin's final answer for an item (``no_answer`` or ``span``); the latest one wins."""
+        admin, item_id = _name(admin), _item_id(item_id)
+        if action not in ("no_answer", "span"):
+            raise ReviewError("a resolution is no_answer or span", 400)
+        _check_action(action, note)
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise ReviewError(f"unknown item {item_id}", 404)
+            answer, answer_start = _checked_answer(row, action, answer, answer_start)
+            return conn.execute(
+                "INSERT INTO resolutions (item_id, admin, resolved_at, answer, answer_start, note) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (item_id, admin, now_iso(), answer, answer_start, note or None)).lastrowid
 
     # ------------------------------------------------------------------ reading
 
     def progress(self) -> Dict[str, Any]:
-        """Items, reviewed items, and how often the reviewers agreed with the model."""
+        """Items, items with all their votes, skips, and how often the reviewers agreed with the model."""
+        overlap = self.overlap
         with self._connection() as conn:
             total = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-            rows = conn.execute("SELECT e.action, e.answer, i.model_answer FROM effective e JOIN items i "
-                                "ON i.id = e.item_id WHERE e.action != 'skip'").fetchall()
-            skipped = conn.execute("SELECT COUNT(*) FROM effective WHERE action = 'skip'").fetchone()[0]
-        agreed = sum(_decided_answer(r["action"], r["answer"]) == r["model_answer"] for r in rows)
-        return {"total": total, "reviewed": len(rows), "skipped": skipped,
+            reviewed = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT item_id FROM votes WHERE action != 'skip' GROUP BY item_id "
+                "HAVING COUNT(*) >= ?)", (overlap,)).fetchone()[0]
+            rows = conn.execute("SELECT v.action, v.answer, i.model_answer FROM votes v JOIN items i "
+                                "ON i.id = v.item_id WHERE v.action != 'skip'").fetchall()
+            skipped = conn.execute("SELECT COUNT(*) FROM votes WHERE action = 'skip'").fetchone()[0]
+        agreed = sum(r["answer"] == r["model_answer"] for r in rows)
+        return {"total": total, "reviewed": reviewed, "skipped": skipped, "overlap": overlap,
                 "agreement": agreed / len(rows) if rows else None}
 
     def decisions(self) -> List[Dict[str, Any]]:
@@ -254,30 +419,47 @@ class ReviewDB:
         with self._connection() as conn:
             return [dict(r) for r in conn.execute("SELECT * FROM decisions ORDER BY id")]
 
-    def corrections(self, since: Optional[str] = None) -> List[Dict[str, Any]]:
-        """Reviewed questions as training records (``id, title, context, question, answers``), one
-        per question: its latest effective decision over every item of that question wins.
-        ``since``: only decisions made after this ISO time."""
+    def history(self, reviewer: str, search: str = "", limit: int = 50) -> List[Dict[str, Any]]:
+        """A reviewer's votes, latest first (``search``: in the question, title or answer)."""
+        reviewer = _name(reviewer)
+        pattern = f"%{search.strip()}%"
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT e.*, i.qid, i.title, i.context, i.question FROM effective e JOIN items i ON i.id = e.item_id "
-                "WHERE e.action != 'skip' ORDER BY e.id").fetchall()
-        latest: Dict[str, Any] = {}
-        for r in rows:
-            latest[r["qid"]] = r  # ordered by decision id: the last one wins
-        records = []
-        for r in sorted(latest.values(), key=lambda r: r["id"]):
-            if since is not None and r["decided_at"] <= since:
-                continue
-            answers = [] if r["action"] == "no_answer" or r["answer"] == NO_ANSWER else [
-                {"text": r["answer"], "answer_start": r["answer_start"]}]
-            records.append({"id": r["qid"], "title": r["title"], "context": r["context"], "question": r["question"],
-                            "answers": answers, "reviewer": r["reviewer"], "decided_at": r["decided_at"],
-                            **({"note": r["note"]} if r["note"] else {})})
-        return records
+                "SELECT v.*, i.qid, i.title, i.question, i.model_answer FROM votes v JOIN items i ON i.id = v.item_id "
+                "WHERE v.reviewer = ? AND (i.question LIKE ? OR i.title LIKE ? OR IFNULL(v.answer, '') LIKE ?) "
+                "ORDER BY v.id DESC LIMIT ?", (reviewer, pattern, pattern, pattern, int(limit))).fetchall()
+        return [{"decision_id": r["id"], "item_id": r["item_id"], "qid": r["qid"], "title": r["title"],
+                 "question": r["question"], "action": r["action"], "answer": r["answer"],
+                 "answer_start": r["answer_start"], "decided_at": r["decided_at"], "note": r["note"]} for r in rows]
 
-    def export(self, out: str, since: Optional[str] = None, overwrite: bool = False) -> int:
-        """Write ``corrections`` to ``out`` as JSONL, atomically; an existing file only with ``overwrite``."""
+    def item(self, item_id: int) -> Dict[str, Any]:
+        with self._connection() as conn:
+            row = conn.execute("SELECT * FROM items WHERE id = ?", (_item_id(item_id),)).fetchone()
+        if row is None:
+            raise ReviewError(f"unknown item {item_id}", 404)
+        return _item_view(row)
+
+    def votes_by_item(self) -> Dict[int, List[Dict[str, Any]]]:
+        """Every item's non-skip votes, in decision order (for agreement and resolution)."""
+        out: Dict[int, List[Dict[str, Any]]] = {}
+        with self._connection() as conn:
+            for r in conn.execute("SELECT * FROM votes WHERE action != 'skip' ORDER BY id"):
+                out.setdefault(r["item_id"], []).append(dict(r))
+        return out
+
+    def resolutions(self) -> Dict[int, Dict[str, Any]]:
+        with self._connection() as conn:
+            return {r["item_id"]: dict(r) for r in conn.execute("SELECT * FROM resolutions ORDER BY id")}
+
+    def items(self) -> Dict[int, Dict[str, Any]]:
+        with self._connection() as conn:
+            return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM items ORDER BY id")}
+
+    def export(self, out: str, since: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+        """Write the resolved questions (``agreement.corrections``) to ``out`` as JSONL, atomically;
+        an existing file only with ``overwrite``. Returns ``{written, unresolved, pending}``."""
+        from torchtune_blah.review.agreement import corrections
+
         if since is not None:
             try:
                 datetime.fromisoformat(since)
@@ -285,22 +467,31 @@ class ReviewDB:
                 raise ReviewError(f"--since {since!r} is not an ISO time (e.g. 2026-11-28T12:00:00+00:00)") from None
         if os.path.exists(out) and not overwrite:
             raise ReviewError(f"{out} exists; pass --overwrite to replace it")
-        records = self.corrections(since)
+        records, unresolved, pending = corrections(self, since)
         atomic_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), out)
-        return len(records)
+        return {"written": len(records), "unresolved": unresolved, "pending": pending}
 
 
-def _reviewer(name: Any) -> str:
+def _name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > 100:
         raise ReviewError("reviewer must be a name (1 to 100 characters)")
     return name.strip()
 
 
-def _decided_answer(action: str, answer: Optional[str]) -> Optional[str]:
-    return NO_ANSWER if action == "no_answer" else answer
+def _item_id(item_id: Any) -> int:
+    if isinstance(item_id, bool) or not isinstance(item_id, int) or not 1 <= item_id <= MAX_ID:
+        raise ReviewError(f"item_id must be an integer from 1 to {MAX_ID}")
+    return item_id
 
 
-def _checked_answer(row, action: str, answer: Optional[str], answer_start: Optional[int]):
+def _check_action(action: Any, note: Any) -> None:
+    if action not in ACTIONS:
+        raise ReviewError(f"action must be one of {ACTIONS}, got {action!r:.40}")
+    if note is not None and (not isinstance(note, str) or len(note) > 4000):
+        raise ReviewError("note must be a text of at most 4000 characters")
+
+
+def _checked_answer(row, action: str, answer: Any, answer_start: Any):
     """The (answer, answer_start) stored for a decision, checked against the item's context."""
     context = row["context"]
     if action == "skip":
@@ -320,12 +511,12 @@ def _checked_answer(row, action: str, answer: Optional[str], answer_start: Optio
                               "answer", 422)
         return model, start
     # span
-    if not isinstance(answer, str) or not answer.strip():
+    if not isinstance(answer, str) or not answer.strip() or len(answer) > len(context):
         raise ReviewError("a span decision needs the selected text as answer", 422)
-    if isinstance(answer_start, bool) or not isinstance(answer_start, int) or answer_start < 0:
+    if isinstance(answer_start, bool) or not isinstance(answer_start, int) or not 0 <= answer_start < len(context):
         raise ReviewError("a span decision needs answer_start, the offset of the answer in the context", 422)
     if context[answer_start:answer_start + len(answer)] != answer:
-        raise ReviewError(f"{answer!r} is not the span of the context at {answer_start}: select it in the context",
+        raise ReviewError(f"{answer!r:.80} is not the span of the context at {answer_start}: select it in the context",
                           422)
     return answer, answer_start
 

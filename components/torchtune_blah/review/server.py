@@ -5,38 +5,110 @@ well-kept ASGI toolkit (FastAPI is built on it) that needs no code generation an
 build; uvicorn serves it. The page is plain HTML/JS/CSS shipped in the package: nothing is
 fetched from a CDN, so it works offline.
 
-Routes:
-    GET  /                  the page
-    GET  /api/next?reviewer=NAME      the reviewer's item (leased to them), or {"item": null} when done
-    POST /api/decide        {item_id, lease, reviewer, action, answer?, answer_start?, note?}
-    POST /api/undo          {reviewer}: undo their last decision, lease the item back
-    GET  /api/progress      {total, reviewed, skipped, agreement}
+Who is who: every ``/api`` call carries ``Authorization: Bearer <token>``, a token made by
+``review add-reviewer`` (the page asks for it once); the reviewer is the token's, never a name
+the request gives. What is refused, before anything is read or written:
 
-Errors are JSON ``{"error": message}`` with a 4xx status; a refused request writes nothing.
+- a Host header that is not the server's (DNS rebinding): 400 (Starlette's ``TrustedHostMiddleware``);
+- a POST that is not ``Content-Type: application/json`` (415), has no Content-Length (411) or a
+  body over 64 KiB (413), or comes from another origin (``Origin`` / ``Sec-Fetch-Site``: 403);
+- a missing or unknown token (401), another reviewer's name or an admin route for a reviewer (403);
+- ids outside SQLite's integers and malformed bodies (400), stale leases (409), answers that are not
+  a span of the context (422).
+
+Every response carries a Content-Security-Policy (same origin only, no framing), ``X-Frame-Options:
+DENY``, ``X-Content-Type-Options: nosniff`` and ``Referrer-Policy: no-referrer``.
+
+Routes (JSON; errors are ``{"error": message}``):
+    GET  /api/me                    {name, admin}
+    GET  /api/next                  the caller's item (leased to them), or {"item": null, "state": leased|done}
+    POST /api/decide                {item_id, lease, action, answer?, answer_start?, note?}
+    POST /api/undo                  undo the caller's latest decision (never over someone else's)
+    GET  /api/history?q=TEXT        the caller's decisions, latest first
+    POST /api/revise                {item_id, action, answer?, answer_start?, note?}: a new decision row
+    GET  /api/item?item_id=N        one item (to revise it)
+    GET  /api/progress, /api/stats  counts; agreement, per-reviewer numbers
+    GET  /api/guidelines            {text}: the Markdown file given to serve
+    GET  /api/disagreements         admin: items whose reviewers disagree, with the votes
+    POST /api/resolve               admin: {item_id, action: no_answer|span, answer?, answer_start?}
+    POST /api/release               admin: {holder?}: give back every lease (or one reviewer's)
 """
 
 import os
-from typing import Any, Dict
+import sys
+from typing import Any, Dict, Optional, Sequence
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from torchtune_blah.review.db import ReviewDB, ReviewError
+from torchtune_blah.review.agreement import disagreements, stats
+from torchtune_blah.review.db import MAX_ID, Reviewer, ReviewDB, ReviewError
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MAX_BODY = 64 * 1024
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 def _error(e: ReviewError) -> JSONResponse:
     return JSONResponse({"error": str(e)}, status_code=e.status)
 
 
-def _lease_json(lease, db: ReviewDB) -> Dict[str, Any]:
-    if lease is None:
-        return {"item": None, "progress": db.progress()}
-    return {"item": lease.item, "lease": lease.token, "lease_expires": lease.expires, "progress": db.progress()}
+class Guard:
+    """ASGI middleware: security headers on every response; POSTs refused unless same-origin JSON
+    of a bounded size (checked from the headers, before the body is read; the server reads no
+    more than Content-Length says)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()
+                    if k.lower().encode() not in names]
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    def _refusal(scope) -> Optional[Response]:
+        if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        origin = headers.get("origin")
+        if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
+            return JSONResponse({"error": f"cross-origin request from {origin!r:.100} refused"}, 403)
+        if headers.get("sec-fetch-site") not in (None, "same-origin", "none"):
+            return JSONResponse({"error": "cross-site request refused"}, 403)
+        if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return JSONResponse({"error": "the request body must be JSON (Content-Type: application/json)"}, 415)
+        length = headers.get("content-length")
+        if length is None or not length.isdigit():
+            return JSONResponse({"error": "a Content-Length is required"}, 411)
+        if int(length) > MAX_BODY:
+            return JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, 413)
+        return None
 
 
 async def _body(request: Request) -> Dict[str, Any]:
@@ -49,54 +121,104 @@ async def _body(request: Request) -> Dict[str, Any]:
     return body
 
 
-def create_app(db: ReviewDB) -> Starlette:
+def _query_int(request: Request, name: str) -> int:
+    value = request.query_params.get(name, "")
+    if not value.isdigit() or not 1 <= int(value) <= MAX_ID:
+        raise ReviewError(f"{name} must be an integer from 1 to {MAX_ID}")
+    return int(value)
+
+
+def create_app(db: ReviewDB, guidelines: str = "", allowed_hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+               ) -> Starlette:
+    def who(request: Request, body: Optional[Dict[str, Any]] = None, admin: bool = False) -> Reviewer:
+        header = request.headers.get("authorization", "")
+        token = header[len("Bearer "):] if header.startswith("Bearer ") else None
+        reviewer = db.authenticate(token)
+        if reviewer is None:
+            raise ReviewError("a reviewer token is required (Authorization: Bearer <token>, from "
+                              "`review add-reviewer`)", 401)
+        claimed = [x for x in (request.query_params.get("reviewer"), (body or {}).get("reviewer")) if x is not None]
+        if any(c != reviewer.name for c in claimed):
+            raise ReviewError("you cannot act as another reviewer", 403)
+        if admin and not reviewer.admin:
+            raise ReviewError("this needs an admin token", 403)
+        return reviewer
+
+    def route(handler, admin: bool = False, post: bool = False):
+        async def endpoint(request: Request):
+            try:
+                body = await _body(request) if post else None
+                return JSONResponse(handler(request, who(request, body, admin), body))
+            except ReviewError as e:
+                return _error(e)
+        return endpoint
+
+    def lease_json(lease, reviewer: Reviewer) -> Dict[str, Any]:
+        if lease is None:
+            return {"item": None, "state": db.queue_state(reviewer.name), "progress": db.progress()}
+        return {"item": lease.item, "lease": lease.token, "lease_expires": lease.expires, "progress": db.progress()}
+
+    def decide(request, reviewer, body):
+        if not isinstance(body.get("lease"), str):
+            raise ReviewError("lease must be the token /api/next gave you", 409)
+        decision = db.decide(body.get("item_id"), body["lease"], reviewer.name, body.get("action"),
+                             answer=body.get("answer"), answer_start=body.get("answer_start"), note=body.get("note"))
+        return {"decision": decision, "progress": db.progress()}
+
+    def revise(request, reviewer, body):
+        decision = db.revise(body.get("item_id"), reviewer.name, body.get("action"), answer=body.get("answer"),
+                             answer_start=body.get("answer_start"), note=body.get("note"))
+        return {"decision": decision, "progress": db.progress()}
+
+    def resolve(request, reviewer, body):
+        return {"resolution": db.resolve(body.get("item_id"), reviewer.name, body.get("action"),
+                                         answer=body.get("answer"), answer_start=body.get("answer_start"),
+                                         note=body.get("note"))}
+
+    def release(request, reviewer, body):
+        return {"released": db.release_leases(body.get("holder"))}
+
     async def index(request: Request):
         return FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
-    async def next_item(request: Request):
-        try:
-            return JSONResponse(_lease_json(db.next_item(request.query_params.get("reviewer", "")), db))
-        except ReviewError as e:
-            return _error(e)
-
-    async def decide(request: Request):
-        try:
-            body = await _body(request)
-            item_id = body.get("item_id")
-            if isinstance(item_id, bool) or not isinstance(item_id, int):
-                raise ReviewError("item_id must be an integer")
-            if not isinstance(body.get("lease"), str):
-                raise ReviewError("lease must be the token /api/next gave you", 409)
-            decision = db.decide(item_id, body["lease"], body.get("reviewer"), body.get("action"),
-                                 answer=body.get("answer"), answer_start=body.get("answer_start"),
-                                 note=body.get("note"))
-            return JSONResponse({"decision": decision, "progress": db.progress()})
-        except ReviewError as e:
-            return _error(e)
-
-    async def undo(request: Request):
-        try:
-            body = await _body(request)
-            return JSONResponse(_lease_json(db.undo(body.get("reviewer")), db))
-        except ReviewError as e:
-            return _error(e)
-
-    async def progress(request: Request):
-        return JSONResponse(db.progress())
-
     return Starlette(routes=[
         Route("/", index),
-        Route("/api/next", next_item),
-        Route("/api/decide", decide, methods=["POST"]),
-        Route("/api/undo", undo, methods=["POST"]),
-        Route("/api/progress", progress),
+        Route("/api/me", route(lambda r, me, b: {"name": me.name, "admin": me.admin})),
+        Route("/api/next", route(lambda r, me, b: lease_json(db.next_item(me.name), me))),
+        Route("/api/decide", route(decide, post=True), methods=["POST"]),
+        Route("/api/undo", route(lambda r, me, b: lease_json(db.undo(me.name), me), post=True), methods=["POST"]),
+        Route("/api/history", route(lambda r, me, b: {"decisions": db.history(me.name, r.query_params.get("q", "")[:200])})),
+        Route("/api/revise", route(revise, post=True), methods=["POST"]),
+        Route("/api/item", route(lambda r, me, b: {"item": db.item(_query_int(r, "item_id"))})),
+        Route("/api/progress", route(lambda r, me, b: db.progress())),
+        Route("/api/stats", route(lambda r, me, b: stats(db))),
+        Route("/api/guidelines", route(lambda r, me, b: {"text": guidelines})),
+        Route("/api/disagreements", route(lambda r, me, b: {"items": disagreements(db)}, admin=True)),
+        Route("/api/resolve", route(resolve, admin=True, post=True), methods=["POST"]),
+        Route("/api/release", route(release, admin=True, post=True), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-    ])
+    ], middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)), Middleware(Guard)])
 
 
-def serve(db_path: str, host: str = "127.0.0.1", port: int = 8000, lease_seconds: float = 600.0) -> None:
+def serve(db_path: str, host: str = "127.0.0.1", port: int = 8000, lease_seconds: float = 600.0,
+          overlap: Optional[int] = None, guidelines_path: Optional[str] = None,
+          allowed_hosts: Sequence[str] = ()) -> None:
     import uvicorn
 
     db = ReviewDB(db_path, lease_seconds=lease_seconds, create=False)
-    print(f"Reviewing {db_path}: open http://{host}:{port}/ ({db.progress()['total']} items)")
-    uvicorn.run(create_app(db), host=host, port=port, log_level="warning")
+    if overlap is not None:
+        db.set_overlap(overlap)
+    guidelines = ""
+    if guidelines_path:
+        with open(guidelines_path, encoding="utf-8") as f:
+            guidelines = f.read()
+    if not db.reviewers():
+        print(f"warning: {db_path} has no reviewers yet; add them with `python -m torchtune_blah.review "
+              f"add-reviewer --db {db_path} NAME` (each gets a token)", file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host}, reachable from other machines; tokens travel in clear text over "
+              "plain HTTP: put it behind HTTPS (a reverse proxy) or keep it on 127.0.0.1", file=sys.stderr)
+    hosts = list(allowed_hosts) or (["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost", "::1")
+                                    else [host])
+    print(f"Reviewing {db_path}: open http://{host}:{port}/ ({db.progress()['total']} items, overlap {db.overlap})")
+    uvicorn.run(create_app(db, guidelines, hosts), host=host, port=port, log_level="warning")

@@ -217,6 +217,18 @@ def test_two_reviewers_on_each_item_and_an_admin_who_resolves(server, browser, t
     record = json.loads(out.read_text())
     assert record["id"] == first["id"] and record["answers"] == [{"text": word, "answer_start": start}]
     assert record["resolution"] == "admin" and record["reviewers"] == ["bo"]
+    # bo finds the decision in the history and revises it: a new row, the old one stays
+    _sign_in(driver, url, tokens["bo"])
+    driver.find_element("css selector", "#history summary").click()
+    revise = _wait(driver, lambda d: next(iter(d.find_elements("css selector", "#history-list button")), None))
+    assert f'"{word}"' in driver.find_element("id", "history-list").text
+    revise.click()
+    _wait(driver, lambda d: d.find_element("id", "revising").is_displayed())
+    assert _item(driver)["id"] == first["id"]
+    _press(driver, "n")
+    _wait(driver, lambda d: d.find_element("id", "message").text == "Revised: no answer.")
+    assert [(d["reviewer"], d["action"]) for d in db.decisions()] == [("ana", "no_answer"), ("bo", "span"),
+                                                                       ("bo", "no_answer")]
 
     # the layout on a phone and on a wide screen: nothing runs off the side
     target = os.environ.get("TORCHTUNE_BLAH_SCREENSHOT_DIR")

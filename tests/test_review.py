@@ -318,6 +318,19 @@ def test_two_reviewers_per_item_agreement_and_an_admin_resolution(server, tmp_pa
     assert [d["action"] for d in db.decisions()] == ["span", "no_answer", "span"]
 
 
+def test_undoing_a_skip_never_takes_an_item_another_reviewer_holds(tmp_path):
+    db = ReviewDB(str(tmp_path / "review.sqlite"))
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 1)))
+    held = db.next_item("ana")
+    db.decide(held.item["item_id"], held.token, "ana", "skip")
+    bo = db.next_item("bo")
+    with pytest.raises(ReviewError, match="others are reviewing this item now") as e:
+        db.undo("ana")
+    assert e.value.status == 409 and [d["action"] for d in db.decisions()] == ["skip"]
+    db.release_leases("bo")
+    assert db.undo("ana").item["item_id"] == bo.item["item_id"]  # free again: ana may take it back
+
+
 def test_kappas_by_hand():
     from torchtune_blah.review.agreement import cohen_kappa, fleiss_kappa, item_status
 

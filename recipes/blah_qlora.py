@@ -48,6 +48,7 @@ from tqdm import tqdm
 from torchtune_blah.checkpointing import atomic_write, load_training_state, mark_phase_complete, save_training_state
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
+from torchtune_blah.prompt_prefix import first_pause_position, forward_from
 from torchtune_blah.model import adapter_parameter_names, lora_settings
 from torchtune_blah.parallel import SingleDevice
 from torchtune_blah.pause import (
@@ -98,6 +99,10 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and self._device.type == "cuda"
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
         self._phase_cfgs = {phase: cfg[phase] for phase in self._phases}
+        if (cfg.get("embed") or {}).get("backward_from_first_pause") and (
+                self.world_size > 1 or cfg.dataset.get("packed", False)):
+            raise ConfigError("embed.backward_from_first_pause needs one process and unpacked data (a pack's "
+                              "document mask and FSDP2 are not supported by it yet); set it to false")
         if self._resume:
             self._check_resume_world_size()
         self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
@@ -266,6 +271,8 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     def _train_phase(self, phase: str, phase_dir: str, pcfg: DictConfig) -> None:
         train_pause = phase == "embed" or bool(pcfg.get("train_pause_embeddings", False))
+        # Only the pause rows train: the prompt before the first pause id needs no backward pass.
+        self._cut_prompt = phase == "embed" and bool(pcfg.get("backward_from_first_pause", False))
         trainable = self._set_trainable(phase, train_pause)
         num_trainable = sum(p.numel() for p in trainable.values())  # a DTensor's numel is its global size
         detail = (f" ({len(self._pause.ids)} pause rows x {self._pause_module.embedding_dim})"
@@ -396,10 +403,11 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     def _loss_step(self, batch: Dict[str, torch.Tensor], ignore_labels: torch.Tensor) -> torch.Tensor:
         labels = batch.pop("labels")
+        start = first_pause_position(batch["tokens"], self._pause) if self._cut_prompt else 0
         with self._activations_ctx:
-            logits = self._model(**batch)
+            logits = forward_from(self._model, batch["tokens"], start) if start else self._model(**batch)
         # Shift: position i predicts token i+1 (same as torchtune's recipes).
-        labels = torch.hstack((labels[..., 1:], ignore_labels[: labels.shape[0]]))
+        labels = torch.hstack((labels[..., 1:], ignore_labels[: labels.shape[0]]))[:, start:]
         if not isinstance(logits, list):
             labels = labels.reshape(-1)
             logits = logits.reshape(-1, logits.size(-1))

@@ -54,6 +54,7 @@ class PhaseSection:  # the embed: and lora: blocks
     clip_grad_norm: Optional[float] = None
     save_every_n_steps: Optional[int] = None
     train_pause_embeddings: Optional[bool] = None  # lora only
+    backward_from_first_pause: Optional[bool] = None  # embed only (torchtune_blah.prompt_prefix)
 
 
 @dataclass

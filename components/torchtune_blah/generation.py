@@ -13,6 +13,12 @@ abstaining right where the answer value starts. With ``probe_mask`` that token i
 also forbidden at that step, so the row decodes its best non-abstention span, and
 each row's log-probability of what it wrote from that step on is summed (the
 span's own probability, for the null-score rule of calibrated abstention).
+
+The prompts of a batch start alike (system prompt and instructions: about half of a SQuAD
+prompt). ``share_prefix`` computes that common prefix once, at batch size 1, copies its keys
+and values into every row's cache, and pre-fills only the rest of each row (laid out as
+``prefix | padding | rest``, the padding masked and skipped by the position ids, so every row
+sees exactly the positions it would see alone).
 """
 
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Uni
 import torch
 from torch import nn
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
+from torchtune.modules import KVCache
 from torchtune.modules.common_utils import local_kv_cache
 
 from torchtune_blah.chat_format import chat_format
@@ -57,6 +64,7 @@ def greedy_generate(
     probe: Optional[Tuple[int, Union[int, Tuple[int, ...]]]] = None,
     probe_mask: bool = False,
     on_token: Optional[Callable[[int, int], None]] = None,
+    share_prefix: bool = True,
 ) -> List[Generation]:
     """Greedy continuations of ``prompts`` (lists of ids), batched with left padding.
 
@@ -67,27 +75,43 @@ def greedy_generate(
     and sums the log-probabilities (under the unmasked distribution) of the tokens written
     from ``step`` on.
     ``on_token(row, token_id)`` is called for every generated token as it comes (streaming).
+    ``share_prefix``: pre-fill the prompts' common prefix once (module docstring).
     """
     if not use_cache:
         return [_generate_one_without_cache(model, p, stop_ids, max_new_tokens, pause, probe, probe_mask,
                                             (lambda t, row=row: on_token(row, t)) if on_token else None)
                 for row, p in enumerate(prompts)]
     device = next(model.parameters()).device
-    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    batch = len(prompts)
+    shared = common_prefix_length(prompts) if share_prefix and batch > 1 else 0
+    prompt_len = max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
     tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((batch, total), dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
-        real[row, prompt_len - len(prompt):] = True
+    for row, prompt in enumerate(prompts):  # [shared prefix | left padding | the row's rest]
+        tail = len(prompt) - shared
+        tokens[row, :shared] = torch.tensor(list(prompt[:shared]), dtype=torch.long, device=device)
+        tokens[row, prompt_len - tail:] = torch.tensor(list(prompt[shared:]), dtype=torch.long, device=device)
+        real[row, :shared] = True
+        real[row, prompt_len - tail:] = True
     masks = get_causal_mask_from_padding_mask(real, target_seq_len=total)
     positions = get_position_ids_from_padding_mask(real)
     stop = torch.tensor(sorted(stop_ids), device=device)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
 
+    prefix_kv = []
+    if shared:  # once, at batch size 1
+        with local_kv_cache(model, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=shared):
+            model(tokens[:1, :shared], mask=masks[:1, :shared, :shared], input_pos=positions[:1, :shared])
+            prefix_kv = [(c.k_cache, c.v_cache) for c in _kv_caches(model)]
     out = [Generation(tokens=[], stopped=False) for _ in prompts]
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total):
-        logits = last_logits(model(tokens, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len]))
+        for cache, (k, v) in zip(_kv_caches(model), prefix_kv):
+            cache.k_cache[:, :, :shared] = k
+            cache.v_cache[:, :, :shared] = v
+            cache.cache_pos.add_(shared)
+        logits = last_logits(model(tokens[:, shared:], mask=masks[:, shared:prompt_len],
+                                   input_pos=positions[:, shared:prompt_len]))
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             next_ids = _pick(logits, pause, step, probe, probe_mask, out, done)
@@ -104,6 +128,19 @@ def greedy_generate(
             pos = prompt_len + step
             logits = last_logits(model(next_ids[:, None], mask=masks[:, pos:pos + 1], input_pos=positions[:, pos:pos + 1]))
     return out
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading ids every prompt shares, leaving each at least one id of its own."""
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _kv_caches(model: nn.Module) -> List[KVCache]:
+    return [m for m in model.modules() if isinstance(m, KVCache)]
 
 
 def last_logits(output) -> torch.Tensor:

@@ -93,11 +93,11 @@ def _abstention_prob_forced(model: nn.Module, prompt: List[int], probe: Abstenti
 
 
 def _generate(model, tokenizer, prompts, pause, stop_ids, max_new_tokens, probe, use_cache, on_token=None,
-              mask=False):
+              mask=False, share_prefix=True):
     # Greedy reads P(the abstention token); the threshold rule P(any token that starts "?"), all masked.
     probe_ids = probe.abstain_ids if mask else probe.token
     gens = greedy_generate(model, prompts, pad_id=tokenizer.pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
-                           pause=pause, use_cache=use_cache,
+                           pause=pause, use_cache=use_cache, share_prefix=share_prefix,
                            probe=(probe.step, probe_ids), probe_mask=mask, on_token=on_token)
     fmt = chat_format(tokenizer)
     replies = []
@@ -142,11 +142,13 @@ def generate_replies(
     on_token: Optional[Callable[[int, int], None]] = None,
     abstention: Optional[Tuple[str, float]] = None,
     yes_no_probe: Optional[AbstentionProbe] = None,
+    share_prefix: bool = True,
 ) -> List[Reply]:
     """Answer ``records`` (one batch; gold answers are not needed). ``on_token(row, id)``
     sees every generated token (of the last turn, in multi_turn). ``abstention=(rule,
     threshold)``: the threshold rule (module docstring); None: greedy, the article's rule.
-    ``yes_no_probe`` (multi_turn): where P("no") of the first reply is read."""
+    ``yes_no_probe`` (multi_turn): where P("no") of the first reply is read. ``share_prefix``: the
+    prompts' common prefix is pre-filled once per batch (``generation.greedy_generate``)."""
     from torchtune_blah.eval.abstention import abstention_scores, decide
 
     prompts = prompts or {}
@@ -155,7 +157,8 @@ def generate_replies(
     first = [answer_prompt(tokenizer, r, pause_ids, prompt_style, **prompts) for r in records]
     first_turn, p_no = [None] * len(records), [None] * len(records)
     if prompt_style == "multi_turn":
-        turn1 = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, yes_no_probe or probe, use_cache)
+        turn1 = _generate(model, tokenizer, first, pause, stop_ids, max_new_tokens, yes_no_probe or probe, use_cache,
+                          share_prefix=share_prefix)
         first_turn = [text for text, _, _ in turn1]
         if yes_no_probe is not None:
             p_no = [prob for _, prob, _ in turn1]
@@ -168,7 +171,7 @@ def generate_replies(
     else:
         prompts_last = first
     replies = _generate(model, tokenizer, prompts_last, pause, stop_ids, max_new_tokens, probe, use_cache, on_token,
-                        mask=masked)
+                        mask=masked, share_prefix=share_prefix)
     out = []
     for (text, prob, gen), turn1, no in zip(replies, first_turn, p_no):
         answer = extract_answer(text)
@@ -262,6 +265,12 @@ class Answerer:
         model, pause = load_run_model(run_cfg, run_dir, stage, device, dtype, staging_dir=staging_dir,
                                       quantize_base=quantize_base)
         return cls(model, tokenizer, pause, run_dir=run_dir, stage=stage, **kwargs)
+
+    def by_prompt_length(self, records: Sequence[SquadRecord]) -> List[SquadRecord]:
+        """``records`` ordered by prompt length (stable), so that a batch's rows need little padding."""
+        lengths = {r.id: len(answer_prompt(self.tokenizer, r, self.pause.sequence, self.prompt_style, **self.prompts))
+                   for r in records}
+        return sorted(records, key=lambda r: lengths[r.id])
 
     def replies(self, records: Sequence[SquadRecord], on_token: Optional[Callable[[int, int], None]] = None,
                 use_cache: bool = True) -> List[Reply]:

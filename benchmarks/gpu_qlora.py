@@ -200,7 +200,7 @@ def main():
         results = {}
         for name, (recipe, cfg) in configs(root, shape, files, args).items():
             rss = run(recipe, cfg, root)
-            prefix = "" if name == "torchtune" else f"{name}/"
+            prefix = "" if name == "torchtune" else f"{cfg['phases'][0]}/"  # our recipe logs <phase>/...
             rows = read_log(cfg["metric_logger"]["log_dir"], prefix)
             steady = rows[WARMUP:] or rows
             tps = statistics.median(r["tokens_per_second_per_gpu"] for r in steady)

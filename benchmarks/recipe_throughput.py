@@ -77,7 +77,7 @@ def configs(out_root, steps, batch_size, device, dtype, model="smollm2", distrib
     theirs["dataset"] = dict(demo["dataset"], pause_tokens={"num": 0})
     theirs["checkpointer"] = dict(demo["checkpointer"], output_dir=theirs["output_dir"])
     theirs["metric_logger"] = dict(demo["metric_logger"], log_dir=os.path.join(theirs["output_dir"], "logs"))
-    lora, embed = ours("lora", "lora", 0), ours("embed", "embed", 5)
+    lora, embed = ours("lora", "lora", 0), ours("embed", "embed", 5, backward_from_first_pause=False)
     lora["save_adapter_weights_only"] = True
     if distributed:
         return {"torchtune": ("lora_finetune_distributed", theirs), "lora": ("blah_qlora_distributed", lora),
@@ -142,7 +142,7 @@ def main():
                        distributed=args.nproc > 1)
         for name, (recipe, cfg) in runs.items():
             rss = run(recipe, cfg, root, args.nproc)
-            prefix = "" if name == "torchtune" else f"{name}/"
+            prefix = "" if name == "torchtune" else f"{cfg['phases'][0]}/"  # our recipe logs <phase>/...
             rows = read_log(cfg["metric_logger"]["log_dir"], prefix)[WARMUP:]
             tokens_per_second = statistics.median(r["tokens_per_second_per_gpu"] for r in rows)
             peak = rows[-1].get("peak_memory_alloc") if args.device == "cuda" else rss

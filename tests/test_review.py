@@ -318,6 +318,15 @@ def test_two_reviewers_per_item_agreement_and_an_admin_resolution(server, tmp_pa
     assert [d["action"] for d in db.decisions()] == ["span", "no_answer", "span"]
 
 
+def test_the_queue_says_when_the_rest_is_leased_to_others(tmp_path):
+    db = ReviewDB(str(tmp_path / "review.sqlite"))
+    db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 1)))
+    held = db.next_item("ana")
+    assert db.next_item("bo") is None and db.queue_state("bo") == "leased"  # the page looks again later
+    db.decide(held.item["item_id"], held.token, "ana", "no_answer")
+    assert db.next_item("bo") is None and db.queue_state("bo") == "done"
+
+
 def test_undoing_a_skip_never_takes_an_item_another_reviewer_holds(tmp_path):
     db = ReviewDB(str(tmp_path / "review.sqlite"))
     db.import_items(read_items(synthetic_generations(tmp_path / "g.jsonl", 1)))

@@ -44,8 +44,10 @@ def demo_run(run_dir: str) -> str:
         subprocess.run([sys.executable, "-m", "torchtune_blah.models.smollm2", "prepare"], check=True)
     print(f"training the SmolLM2 demo run into {run_dir} (about 4 minutes)", flush=True)
     resume = ["resume_from_checkpoint=true"] if RunDir(run_dir).is_run() else []
-    subprocess.run([shutil.which("tune") or "tune", "run", "blah_qlora", "--config", "smollm2_135m_blah",
-                    f"output_dir={run_dir}", *resume], check=True, stdout=subprocess.DEVNULL)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        subprocess.run([shutil.which("tune") or "tune", "run", "blah_qlora", "--config", "smollm2_135m_blah",
+                        f"output_dir={run_dir}", *resume], check=True, stdout=log, stderr=subprocess.STDOUT)
     return run_dir
 
 

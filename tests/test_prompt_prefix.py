@@ -43,6 +43,9 @@ def test_pause_row_gradients_equal_the_full_backward_pass(tokenizer, style, chun
     start = first_pause_position(batch["tokens"], pause)
     lengths = (batch["tokens"] != tokenizer.pad_id).sum(dim=1)
     assert 0.6 * int(lengths.min()) < start < int(lengths.min())  # most of the prompt is cut off
+    from torchtune_blah.prompt_prefix import _common_length
+
+    assert 0 < _common_length(batch["tokens"]) < start  # the shared system prompt runs once, at batch size 1
 
     grads, losses = [], []
     for cut in (0, start):

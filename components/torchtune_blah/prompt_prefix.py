@@ -9,11 +9,12 @@ autograd on top of it. The gradients of the pause rows are those of the full pas
 
 In a batch the cut is the earliest first pause id of its rows (right padding, as torchtune's
 collate pads): the rows whose prompts are longer run a few prompt positions with autograd, which
-gives them zero gradient, as in the full pass.
+gives them zero gradient, as in the full pass. What all rows share from the start (the system
+prompt and instructions) runs once, at batch size 1, its keys and values copied into every row.
 """
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -46,6 +47,23 @@ class _PrefixKV(nn.Module):
         return torch.cat([self.k_prefix, k], dim=2), torch.cat([self.v_prefix, v], dim=2)
 
 
+def _common_length(tokens: torch.Tensor) -> int:
+    """How many leading positions every row shares."""
+    differs = (tokens != tokens[:1]).any(dim=0)
+    return int(differs.to(torch.int8).argmax()) if bool(differs.any()) else tokens.shape[1]
+
+
+def _caches(model: nn.Module) -> List[KVCache]:
+    return [m for m in model.modules() if isinstance(m, KVCache)]
+
+
+def _layers(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
+    """The decoder layers over ``tokens``, filling the caches; no output projection (nobody reads it)."""
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        h = layer(h, mask=mask, input_pos=positions)
+
+
 @contextmanager
 def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int) -> Iterator[Optional[Callable[[], Any]]]:
     """Within: positions ``:start`` of ``tokens`` have run without autograd (and were never
@@ -61,13 +79,27 @@ def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int) -> Iterator[O
     mask = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device)).expand(batch, length, length)
     positions = torch.arange(length, device=device).expand(batch, length)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    # The rows' common beginning (the system prompt and instructions) runs once, at batch size 1.
+    shared = min(_common_length(tokens[:, :start]), start - 1) if batch > 1 else 0
+    shared_kv = []
+    if shared:
+        with device:
+            model.setup_caches(1, dtype, decoder_max_seq_len=shared)
+        try:
+            with torch.no_grad():
+                _layers(model, tokens[:1, :shared], mask[:1, :shared, :shared], positions[:1, :shared])
+            shared_kv = [(c.k_cache, c.v_cache) for c in _caches(model)]
+        finally:
+            delete_kv_caches(model)
     with device:
         model.setup_caches(batch, dtype, decoder_max_seq_len=start)
     try:
+        for cache, (k, v) in zip(_caches(model), shared_kv):
+            cache.k_cache[:, :, :shared] = k
+            cache.v_cache[:, :, :shared] = v
+            cache.cache_pos.add_(shared)
         with torch.no_grad():
-            h = model.tok_embeddings(tokens[:, :start])
-            for layer in model.layers:
-                h = layer(h, mask=mask[:, :start, :start], input_pos=positions[:, :start])
+            _layers(model, tokens[:, shared:start], mask[:, shared:start, :start], positions[:, shared:start])
         for module in model.modules():
             if isinstance(getattr(module, "kv_cache", None), KVCache):
                 module.kv_cache = _PrefixKV(module.kv_cache.k_cache, module.kv_cache.v_cache)

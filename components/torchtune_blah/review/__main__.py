@@ -65,8 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(stats(ReviewDB(args.db, create=False)), indent=2))
         else:
             result = ReviewDB(args.db, create=False).export(args.out, since=args.since, overwrite=args.overwrite)
-            print(f"{args.out}: {result['written']} reviewed questions; {result['pending']} items still need "
-                  f"reviewers; {len(result['unresolved'])} in disagreement"
+            print(f"{args.out}: {result['written']} reviewed questions; {result['pending']} items partly reviewed "
+                  f"(fewer reviewers than the overlap); {len(result['unresolved'])} in disagreement"
                   + (f" (an admin resolves them on the page): {', '.join(result['unresolved'])}"
                      if result["unresolved"] else ""))
     except (ReviewError, SourceError) as e:

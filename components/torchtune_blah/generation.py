@@ -103,13 +103,10 @@ def greedy_generate(
     if shared:  # once, at batch size 1
         with local_kv_cache(model, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=shared):
             model(tokens[:1, :shared], mask=masks[:1, :shared, :shared], input_pos=positions[:1, :shared])
-            prefix_kv = [(c.k_cache, c.v_cache) for c in _kv_caches(model)]
+            prefix_kv = [(c.k_cache, c.v_cache) for c in kv_caches(model)]
     out = [Generation(tokens=[], stopped=False) for _ in prompts]
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total):
-        for cache, (k, v) in zip(_kv_caches(model), prefix_kv):
-            cache.k_cache[:, :, :shared] = k
-            cache.v_cache[:, :, :shared] = v
-            cache.cache_pos.add_(shared)
+        fill_prefix(model, prefix_kv, shared)
         logits = last_logits(model(tokens[:, shared:], mask=masks[:, shared:prompt_len],
                                    input_pos=positions[:, shared:prompt_len]))
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -139,8 +136,17 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _kv_caches(model: nn.Module) -> List[KVCache]:
+def kv_caches(model: nn.Module) -> List[KVCache]:
     return [m for m in model.modules() if isinstance(m, KVCache)]
+
+
+def fill_prefix(model: nn.Module, prefix_kv: Sequence[Tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+    """Copy keys and values computed at batch size 1 (``prefix_kv``, one pair per layer) into the
+    first ``length`` positions of every row of the model's caches, and move the caches past them."""
+    for cache, (k, v) in zip(kv_caches(model), prefix_kv):
+        cache.k_cache[:, :, :length] = k
+        cache.v_cache[:, :, :length] = v
+        cache.cache_pos.add_(length)
 
 
 def last_logits(output) -> torch.Tensor:

@@ -14,13 +14,14 @@ prompt and instructions) runs once, at batch size 1, its keys and values copied 
 """
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from torchtune.modules import KVCache
 from torchtune.modules.common_utils import delete_kv_caches
 
+from torchtune_blah.generation import fill_prefix, kv_caches
 from torchtune_blah.pause import PauseTokens
 
 
@@ -51,10 +52,6 @@ def _common_length(tokens: torch.Tensor) -> int:
     """How many leading positions every row shares."""
     differs = (tokens != tokens[:1]).any(dim=0)
     return int(differs.to(torch.int8).argmax()) if bool(differs.any()) else tokens.shape[1]
-
-
-def _caches(model: nn.Module) -> List[KVCache]:
-    return [m for m in model.modules() if isinstance(m, KVCache)]
 
 
 def _layers(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -88,16 +85,13 @@ def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int) -> Iterator[O
         try:
             with torch.no_grad():
                 _layers(model, tokens[:1, :shared], mask[:1, :shared, :shared], positions[:1, :shared])
-            shared_kv = [(c.k_cache, c.v_cache) for c in _caches(model)]
+            shared_kv = [(c.k_cache, c.v_cache) for c in kv_caches(model)]
         finally:
             delete_kv_caches(model)
     with device:
         model.setup_caches(batch, dtype, decoder_max_seq_len=start)
     try:
-        for cache, (k, v) in zip(_caches(model), shared_kv):
-            cache.k_cache[:, :, :shared] = k
-            cache.v_cache[:, :, :shared] = v
-            cache.cache_pos.add_(shared)
+        fill_prefix(model, shared_kv, shared)
         with torch.no_grad():
             _layers(model, tokens[:, shared:start], mask[:, shared:start, :start], positions[:, shared:start])
         for module in model.modules():

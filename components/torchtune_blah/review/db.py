@@ -233,8 +233,7 @@ class ReviewDB:
     @property
     def overlap(self) -> int:
         with self._connection() as conn:
-            row = conn.execute("SELECT value FROM settings WHERE key = 'overlap'").fetchone()
-        return 1 if row is None else int(row["value"])
+            return _overlap(conn)
 
     def set_overlap(self, overlap: int) -> None:
         if isinstance(overlap, bool) or not isinstance(overlap, int) or not 1 <= overlap <= 20:
@@ -268,8 +267,8 @@ class ReviewDB:
         ``lease_seconds``; None when there is none. Items they skipped come last."""
         reviewer = _name(reviewer)
         now = time.time()
-        overlap = self.overlap
         with self._write() as conn:
+            overlap = _overlap(conn)
             conn.execute("DELETE FROM leases WHERE expires <= ?", (now,))
             held = conn.execute("SELECT * FROM leases WHERE reviewer = ?", (reviewer,)).fetchone()
             if held is not None:  # a reload keeps the reviewer's lease (same token), renewed
@@ -302,7 +301,7 @@ class ReviewDB:
                 "SELECT COUNT(*) FROM items i WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id "
                 "AND v.reviewer = ? AND v.action != 'skip') AND "
                 "(SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id AND v.action != 'skip') < ?",
-                (reviewer, self.overlap)).fetchone()[0]
+                (reviewer, _overlap(conn))).fetchone()[0]
         return "leased" if waiting else "done"
 
     def release_leases(self, reviewer: Optional[str] = None) -> int:
@@ -375,7 +374,7 @@ class ReviewDB:
                 "SELECT (SELECT COUNT(*) FROM leases WHERE item_id = ? AND reviewer != ? AND expires > ?) + "
                 "(SELECT COUNT(*) FROM votes WHERE item_id = ? AND reviewer != ? AND action != 'skip')",
                 (last["item_id"], reviewer, now, last["item_id"], reviewer)).fetchone()[0]
-            if last["action"] == "skip" and others >= self.overlap:
+            if last["action"] == "skip" and others >= _overlap(conn):
                 raise ReviewError("others are reviewing this item now (you skipped it); try again later", 409)
             conn.execute("INSERT INTO decisions (item_id, reviewer, decided_at, action, undoes) VALUES (?, ?, ?, ?, ?)",
                          (last["item_id"], reviewer, now_iso(), "undo", last["id"]))
@@ -407,8 +406,8 @@ class ReviewDB:
 
     def progress(self) -> Dict[str, Any]:
         """Items, items with all their votes, skips, and how often the reviewers agreed with the model."""
-        overlap = self.overlap
         with self._connection() as conn:
+            overlap = _overlap(conn)
             total = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             reviewed = conn.execute(
                 "SELECT COUNT(*) FROM (SELECT item_id FROM votes WHERE action != 'skip' GROUP BY item_id "
@@ -476,6 +475,12 @@ class ReviewDB:
         records, unresolved, pending = corrections(self, since)
         atomic_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), out)
         return {"written": len(records), "unresolved": unresolved, "pending": pending}
+
+
+def _overlap(conn: sqlite3.Connection) -> int:
+    """How many reviewers see each item, read in the caller's connection (and transaction)."""
+    row = conn.execute("SELECT value FROM settings WHERE key = 'overlap'").fetchone()
+    return 1 if row is None else int(row["value"])
 
 
 def _name(name: Any) -> str:

@@ -49,7 +49,7 @@ from torchtune_blah.checkpointing import atomic_write, load_training_state, mark
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
-from torchtune_blah.model import adapter_parameter_names, lora_settings
+from torchtune_blah.model import adapter_parameter_names, lora_settings, set_num_output_chunks
 from torchtune_blah.parallel import SingleDevice
 from torchtune_blah.pause import (
     PAUSE_PARAM,
@@ -153,7 +153,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
         self._loss_fn = config.instantiate(cfg.loss)
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+            set_num_output_chunks(self._model, self._loss_fn.num_output_chunks)  # contiguous chunks (why: there)
         self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
         self._packed = cfg.dataset.get("packed", False)
         self._collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))

@@ -17,7 +17,8 @@ activation checkpointing, batch 1 x 16 accumulated, bf16:
 
 Tokens/s is torchtune's metric (supervised tokens per second), median after warm-up; peak memory
 is torch's peak allocated memory (CUDA) or the process's max RSS (CPU). Then blah_eval's answering
-(KV cache, stop rule) on 32 questions at batch 1, 8 and 32 with the lora run's model. Torchtune's
+(KV cache, stop rule) on 32 questions at batch 1, 8 and 32 with the lora run's model, and the
+output projection on strided vs contiguous chunks at batch 4 (output_chunks.py). Torchtune's
 published anchors for QLoRA Llama 3.1 8B on one RTX 4090: 7.4 GiB peak, 2,413 tokens/s.
 """
 
@@ -223,6 +224,12 @@ def main():
     for batch in sorted({b for b, _ in speeds}):
         print(f"| {batch} | {speeds[(batch, True)]:.2f} | {speeds[(batch, False)]:.2f} |")
     print("anchors (torchtune, QLoRA Llama 3.1 8B, one RTX 4090): 7.4 GiB peak, 2,413 tokens/s")
+    # Batch 4 (the 8B config's batch is 1, where chunks are contiguous anyway): does torchtune's
+    # strided chunking cost on this device what it costs on a CPU?
+    import subprocess
+
+    subprocess.run([sys.executable, os.path.join(HERE, "output_chunks.py"), "--device", args.device,
+                    "--dim", str(shape["embed_dim"]), "--vocab", str(shape["vocab_size"])], check=True)
 
 
 if __name__ == "__main__":

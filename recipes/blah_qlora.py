@@ -99,7 +99,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and self._device.type == "cuda"
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
         self._phase_cfgs = {phase: cfg[phase] for phase in self._phases}
-        if (cfg.get("embed") or {}).get("backward_from_first_pause") and (
+        if "embed" in self._phases and (cfg.get("embed") or {}).get("backward_from_first_pause") and (
                 self.world_size > 1 or cfg.dataset.get("packed", False)):
             raise ConfigError("embed.backward_from_first_pause needs one process and unpacked data (a pack's "
                               "document mask and FSDP2 are not supported by it yet); set it to false")

@@ -149,11 +149,20 @@ def test_zero_pause_tokens_is_plain_sft(tmp_path, tiny_base):
         ({"lora.batch_size": 0}, r"lora.batch_size must be an integer >= 1"),
         ({"pause_tokens.vocab_size": 2048}, r"set pause_tokens.vocab_size=1056"),
         ({"resume_from_checkpoint": True}, "holds no phase of this run to resume"),
+        ({"dataset.packed": True, "embed.backward_from_first_pause": True},
+         "embed.backward_from_first_pause needs one process and unpacked data"),
     ],
 )
 def test_config_errors_fail_before_the_model_loads(tmp_path, tiny_base, extra, message):
     with pytest.raises(ConfigError, match=message):
         _recipe(fast_overrides(tmp_path / "run", tiny_base, **extra))
+
+
+def test_the_embed_cut_setting_is_ignored_when_no_embed_phase_runs(tmp_path, tiny_base):
+    # The shipped SmolLM2 config sets it: phases=[lora] with packed data must still run.
+    recipe, _ = _recipe(fast_overrides(tmp_path / "run", tiny_base, phases="[lora]", **{
+        "pause_tokens.num": 0, "dataset.packed": True, "embed.backward_from_first_pause": True}))
+    assert recipe._phases == ["lora"]
 
 
 def test_output_dir_inside_checkpoint_dir_is_refused(tmp_path, tiny_base):

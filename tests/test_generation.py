@@ -57,3 +57,25 @@ def test_shared_prefix_probe_and_span_logprob_match(model, tokenizer):
         assert x.tokens == y.tokens and x.probe_argmax == y.probe_argmax
         assert x.probe_prob == pytest.approx(y.probe_prob, abs=1e-5)
         assert x.span_logprob == pytest.approx(y.span_logprob, abs=1e-4)
+
+
+def test_last_position_only_gives_the_full_outputs_last_logits(model, tokenizer):
+    from torchtune_blah.generation import last_logits, last_position_only
+
+    records = load_squad_records("bundled_sample")[:3]
+    prompts = [answer_prompt(tokenizer, r, PAUSE.sequence) for r in records]
+    tokens = torch.tensor([p[:40] for p in prompts])
+    with torch.no_grad():
+        full = model(tokens)
+        with last_position_only(model):
+            last = model(tokens)
+        assert last.shape == (3, 1, full.shape[-1]) and torch.allclose(last[:, -1], last_logits(full), atol=1e-5)
+        assert model(tokens).shape == full.shape  # the model unembeds every position again
+    # and decoding with it writes what the cache-free, whole-logits path writes (fp32)
+    probe = abstention_probe(tokenizer)
+    kwargs = dict(pad_id=tokenizer.pad_id, stop_ids=set(), max_new_tokens=probe.step + 4,
+                  pause=PAUSE, probe=(probe.step, probe.token))
+    for fast, slow in zip(greedy_generate(model, prompts, **kwargs), greedy_generate(model, prompts, use_cache=False,
+                                                                                    **kwargs)):
+        assert fast.tokens == slow.tokens and fast.probe_prob == pytest.approx(slow.probe_prob, abs=1e-4)
+        assert fast.probe_prob is not None

@@ -13,8 +13,11 @@ counts. The same questions (bundled_sample, contexts <= 120 words, the demo eval
 ways, each timed after a warm-up batch:
 
 1. shared prefix: batches ordered by prompt length, each batch's common prefix (system prompt and
-   instructions) pre-filled once at batch size 1, then the rest of every row (what blah_eval does);
-2. batched: today's path before it, left-padded batches in input order, the whole prompt pre-filled;
+   instructions) pre-filled once at batch size 1, then the rest of every row, only the last
+   position unembedded (generation.last_position_only): what blah_eval does;
+   (1b. the same with every pre-filled position unembedded, to tell the two gains apart;)
+2. batched: the path before both, left-padded batches in input order, the whole prompt pre-filled
+   and unembedded;
 3. one at a time, no cache (llama-squad's way), with the same stop rule.
 
 Ends with one line: speedup_vs_one_at_a_time=<x> speedup_vs_batched=<y> same_answers=<n>/<m>
@@ -22,6 +25,7 @@ Ends with one line: speedup_vs_one_at_a_time=<x> speedup_vs_batched=<y> same_ans
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -31,6 +35,7 @@ import time
 import torch
 from torchtune import config
 
+import torchtune_blah.generation as generation
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.run import Answerer, answer_records, run_prompts
 from torchtune_blah.model import load_run_model
@@ -84,16 +89,30 @@ def main():
         by_id = {r["id"]: r for r in rows}
         return [by_id[r.id] for r in records]
 
+    @contextlib.contextmanager
+    def every_position_unembedded():  # the pre-fill as it was before generation.last_position_only
+        only_last = generation.last_position_only
+        generation.last_position_only = lambda model: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            generation.last_position_only = only_last
+
+    def shared_unembed_all():
+        with every_position_unembedded():
+            return shared_path()
+
     def batched_path():
-        return [row for i in range(0, len(records), b)
-                for row in answer_records(model, tokenizer, records[i:i + b], pause, share_prefix=False, **kwargs)]
+        with every_position_unembedded():
+            return [row for i in range(0, len(records), b)
+                    for row in answer_records(model, tokenizer, records[i:i + b], pause, share_prefix=False, **kwargs)]
 
     def one_at_a_time():
         return answer_records(model, tokenizer, records, pause, use_cache=False, **kwargs)
 
     answer_records(model, tokenizer, records[:2], pause, **kwargs)  # warm-up (first-call costs)
     seconds, rows = {}, {}
-    paths = [("shared", shared_path), ("batched", batched_path)]
+    paths = [("shared", shared_path), ("shared_unembed_all", shared_unembed_all), ("batched", batched_path)]
     if not args.skip_one_at_a_time:
         paths.append(("one_at_a_time", one_at_a_time))
     for name, path in paths:
@@ -105,6 +124,9 @@ def main():
     na = max(abs(a["na_prob"] - c["na_prob"]) for a, c in zip(rows["shared"], rows["batched"]))
     print(f"{n} questions, {what}, {args.dtype}, batch {b}, {torch.get_num_threads()} CPU threads")
     print(f"  1. shared prefix, length-ordered batches: {n / seconds['shared']:7.2f} questions/s")
+    same_1b = sum(a["raw_output"] == c["raw_output"] for a, c in zip(rows["shared"], rows["shared_unembed_all"]))
+    print(f"  1b. the same, every position unembedded: {n / seconds['shared_unembed_all']:7.2f} questions/s "
+          f"(identical replies to 1: {same_1b}/{n})")
     print(f"  2. batched, whole prompt pre-filled:      {n / seconds['batched']:7.2f} questions/s")
     line = f"speedup_vs_batched={seconds['batched'] / seconds['shared']:.2f} same_answers={same}/{n}"
     if "one_at_a_time" in rows:

@@ -56,6 +56,8 @@ RECIPES: List[RecipeEntry] = [
         ("qwen2_5_3b_blah_eval", "qwen2_5_3b_blah_eval.yaml"),
         ("demo_cpu_blah_eval", "demo_cpu_blah_eval.yaml"),
     ]),
+    # Reads any blah_qlora config (tune run resolves a config name across recipes).
+    RecipeEntry("blah_estimate", "blah_estimate.py"),
     RecipeEntry("blah_export", "blah_export.py", [("blah_export", "blah_export.yaml")]),
     RecipeEntry("blah_generate", "blah_generate.py", [("blah_generate", "blah_generate.yaml")]),
 ]

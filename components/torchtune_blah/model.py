@@ -14,7 +14,7 @@ from torchtune_blah.run_dir import STAGES, RunDir
 
 def build_model(
     cfg_model: DictConfig,
-    base_state_dict: Dict[str, Any],
+    base_state_dict: Optional[Dict[str, Any]],
     pause: PauseTokens,
     device: torch.device,
     dtype: torch.dtype,
@@ -28,12 +28,13 @@ def build_model(
     """
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg_model)
-    missing, unexpected = model.load_state_dict(base_state_dict, strict=False)
-    adapter_keys = set(adapter_parameter_names(model))
-    missing = [k for k in missing if k not in adapter_keys]
-    if missing or unexpected:
-        raise RuntimeError(f"the base checkpoint does not fit model._component_ {cfg_model._component_}: "
-                           f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
+    if base_state_dict is not None:  # None: the builder's own weights (blah_estimate's fake tensors)
+        missing, unexpected = model.load_state_dict(base_state_dict, strict=False)
+        adapter_keys = set(adapter_parameter_names(model))
+        missing = [k for k in missing if k not in adapter_keys]
+        if missing or unexpected:
+            raise RuntimeError(f"the base checkpoint does not fit model._component_ {cfg_model._component_}: "
+                               f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
     init = dict(pause_init or {})
     pause_module = add_pause_embeddings(model, pause, tokenizer=tokenizer, **init)
     return model, pause_module

@@ -27,6 +27,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from torchtune_blah.checkpointing import atomic_write
 from torchtune_blah.run_dir import PAUSE_EMBEDDINGS_FILE
@@ -187,7 +188,10 @@ class PauseEmbedding(nn.Module):
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.pause_weight = nn.Parameter(init.detach().clone().to(base.weight.dtype))
-        ids = torch.tensor(pause.ids, dtype=torch.long)
+        # On the table's device: forward compares them with the tokens (torch.isin), on the GPU. A
+        # table on the meta device (FSDP2 builds there) gets CPU ids, which fully_shard moves to the GPU.
+        device = base.weight.device if base.weight.device.type != "meta" else torch.device("cpu")
+        ids = torch.tensor(pause.ids, dtype=torch.long, device=device)
         sorted_ids, row_of_sorted = torch.sort(ids)
         self.register_buffer("_sorted_ids", sorted_ids, persistent=False)
         self.register_buffer("_row_of_sorted", row_of_sorted, persistent=False)
@@ -196,7 +200,8 @@ class PauseEmbedding(nn.Module):
         is_pause = torch.isin(tokens, self._sorted_ids)
         out = F.embedding(tokens.masked_fill(is_pause, 0), self.weight)
         pause_tokens_here = tokens[is_pause]
-        if pause_tokens_here.numel():
+        # guard_or_true: on fake tensors (blah_estimate) the count is unknown; on real ones it is the count
+        if guard_or_true(pause_tokens_here.numel() != 0):
             rows = self._row_of_sorted[torch.searchsorted(self._sorted_ids, pause_tokens_here)]
             out[is_pause] = self.pause_weight[rows].to(out.dtype)
         return out

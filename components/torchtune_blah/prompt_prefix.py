@@ -62,12 +62,14 @@ def _layers(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, position
 
 
 @contextmanager
-def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int) -> Iterator[Optional[Callable[[], Any]]]:
+def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int,
+               shared: Optional[int] = None) -> Iterator[Optional[Callable[[], Any]]]:
     """Within: positions ``:start`` of ``tokens`` have run without autograd (and were never
     unembedded), their keys and values stand in every attention layer; yields a function that
     runs positions ``start:`` on top of them (logits, or the chunks of a chunked-output model).
     Keep the backward pass inside (activation checkpointing recomputes layers there). Yields None
-    for ``start <= 0``: run the model as usual."""
+    for ``start <= 0``: run the model as usual. ``shared``: how many leading positions all rows
+    share (None: read off the tokens; blah_estimate's tokens have no data to read)."""
     if start <= 0:
         yield None
         return
@@ -77,7 +79,9 @@ def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int) -> Iterator[O
     positions = torch.arange(length, device=device).expand(batch, length)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     # The rows' common beginning (the system prompt and instructions) runs once, at batch size 1.
-    shared = min(_common_length(tokens[:, :start]), start - 1) if batch > 1 else 0
+    if shared is None:
+        shared = _common_length(tokens[:, :start]) if batch > 1 else 0
+    shared = min(shared, start - 1) if batch > 1 else 0
     shared_kv = []
     if shared:
         with device:

@@ -54,6 +54,7 @@ def as_estimate_config(name: str, layers) -> OmegaConf:
         "lora": {"batch_size": 2, "gradient_accumulation_steps": 1,
                  "optimizer": OmegaConf.to_container(tt.optimizer)},
         "reply_tokens": 2048, "cards": [24], "layers": layers,
+        "compile": True,  # as published; what it changes in memory: estimate.compiled_loss_memory
     }
     return OmegaConf.create(cfg)
 
@@ -73,12 +74,12 @@ class FullFinetune(BlahEstimateRecipe):
         params = self._set_trainable(phase, False)
         # optimizer_in_bwd: the post-accumulate-grad hook steps and frees each gradient.
         hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
-        from torchtune_blah.estimate import (Estimate, bnb_8bit_state_bytes, count_flops, measure,
+        from torchtune_blah.estimate import (Estimate, bnb_8bit_state_bytes, compiled_loss_memory, count_flops, measure,
                                              tensors_without_device_on_meta)
 
         batch = self._batch(2)
         e = Estimate(name="full finetune: batch 2 x 2048, optimizer in backward")
-        with tensors_without_device_on_meta():
+        with tensors_without_device_on_meta(), compiled_loss_memory(self._loss_fn, self._compiled):
             e.activations = measure(lambda: self._micro_batch(batch, False))  # includes the transient gradients
             e.flops = count_flops(lambda: self._micro_batch(batch, False))
         for h in hooks:

@@ -16,7 +16,10 @@ activation checkpointing, batch 1 x 16 accumulated, bf16:
   embed_full  the same with the full backward pass
 
 Tokens/s is torchtune's metric (supervised tokens per second), median after warm-up; peak memory
-is torch's peak allocated memory (CUDA) or the process's max RSS (CPU). Then blah_eval's answering
+is torch's peak allocated memory (CUDA) or the process's max RSS (CPU). Beside it, blah_estimate's
+peak for the same run config at the longest sequence those steps see (`tune run blah_estimate`,
+on fake tensors, computed by CPU processes while the GPU trains): the first GPU run checks the
+estimator too (docs/training.md#what-fits-where). Then blah_eval's answering
 (KV cache, stop rule) on 32 questions at batch 1, 8 and 32 with the lora run's model, and the
 output projection on strided vs contiguous chunks at batch 4 (output_chunks.py). Torchtune's
 published anchors for QLoRA Llama 3.1 8B on one RTX 4090: 7.4 GiB peak, 2,413 tokens/s.
@@ -143,6 +146,52 @@ def configs(root: str, shape: dict, files, args) -> dict:
     return runs
 
 
+def longest_sequence(root: str, shape: dict, count: int) -> int:
+    """The longest of the first ``count`` training sequences (shuffle off: what the runs see)."""
+    from torchtune_blah.data.chat import squad_sample_dataset
+    from torchtune_blah.tiny import tiny_llama3_tokenizer
+
+    tokenizer = tiny_llama3_tokenizer(os.path.join(root, "tokenizer.model"), max_seq_len=4096)
+    dataset = squad_sample_dataset(tokenizer, pause_tokens={"num": 5, "mode": "append",
+                                                            "vocab_size": shape["vocab_size"]})
+    return max(len(dataset[i]["tokens"]) for i in range(min(count, len(dataset))))
+
+
+def start_estimates(root: str, runs: dict, max_seq_len: int) -> dict:
+    """One `tune run blah_estimate` process per blah_qlora run (CPU, in parallel with the GPU)."""
+    import subprocess
+    import shutil
+
+    procs = {}
+    for name, (recipe, cfg) in runs.items():
+        if recipe != "blah_qlora":
+            continue
+        path = os.path.join(root, f"estimate_{name}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        out = os.path.join(root, f"estimate_{name}")
+        command = [shutil.which("tune"), "run", "blah_estimate", "--config", path, f"tokenizer.max_seq_len={max_seq_len}",
+                   f"reply_tokens={min(32, max_seq_len - 8)}", "eval_batch_size=1", f"estimate_dir={out}"]
+        procs[name] = (subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, CUDA_VISIBLE_DEVICES="")), out)
+    return procs
+
+
+def read_estimates(procs: dict) -> dict:
+    """GiB each run's estimate gives its phase (peak allocated, no CUDA allowance), or None."""
+    import json
+
+    peaks = {}
+    for name, (proc, out) in procs.items():
+        proc.wait()
+        try:
+            with open(os.path.join(out, "estimate.json")) as f:
+                peaks[name] = json.load(f)["estimates"][0]["peak_gib"]
+        except (OSError, KeyError, IndexError, ValueError):
+            peaks[name] = None
+    return peaks
+
+
 def eval_speed(run_dir: str, device: str, batch_sizes, questions: int, max_new_tokens: int):
     """Examples/s of blah_eval's answering with the run's model, per batch size."""
     import torch
@@ -198,8 +247,11 @@ def main():
         files = write_random_checkpoint(os.path.join(root, "base"), shape, args.device)
         write_tiny_tiktoken(os.path.join(root, "tokenizer.model"))
         print(f"random {args.shape} checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+        runs = configs(root, shape, files, args)
+        longest = longest_sequence(root, shape, args.steps * args.accum)
+        estimates = start_estimates(root, runs, longest)
         results = {}
-        for name, (recipe, cfg) in configs(root, shape, files, args).items():
+        for name, (recipe, cfg) in runs.items():
             rss = run(recipe, cfg, root)
             prefix = "" if name == "torchtune" else f"{cfg['phases'][0]}/"  # our recipe logs <phase>/...
             rows = read_log(cfg["metric_logger"]["log_dir"], prefix)
@@ -209,13 +261,15 @@ def main():
             results[name] = (tps, peak)
             print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         speeds = eval_speed(os.path.join(root, "lora"), args.device, (1, 8, 32), args.questions, args.max_new_tokens)
+        estimated = read_estimates(estimates)
     unit = "GiB peak allocated" if args.device == "cuda" else "MiB max RSS"
     print(f"\nLlama 3 {args.shape} shapes (random weights), NF4 + LoRA r64, activation checkpointing, bf16, "
           f"batch 1 x {args.accum}, {args.steps} steps, {args.device}; {time.perf_counter() - t0:.0f} s in all")
-    print(f"| run | tokens/s | {unit} |")
-    print("|---|---:|---:|")
+    print(f"| run | tokens/s | {unit} | blah_estimate GiB at {longest} tokens |")
+    print("|---|---:|---:|---:|")
     for name, (tps, peak) in results.items():
-        print(f"| {name} | {tps:,.1f} | {peak:,.2f} |")
+        est = estimated.get(name)
+        print(f"| {name} | {tps:,.1f} | {peak:,.2f} | {'' if est is None else f'{est:.2f}'} |")
     print(f"lora / torchtune tokens/s = {results['lora'][0] / results['torchtune'][0]:.3f}; "
           f"embed step time / lora = {results['lora'][0] / results['embed'][0]:.3f} (embed.backward_from_first_pause), "
           f"{results['lora'][0] / results['embed_full'][0]:.3f} (the full backward pass)")
@@ -224,6 +278,8 @@ def main():
     for batch in sorted({b for b, _ in speeds}):
         print(f"| {batch} | {speeds[(batch, True)]:.2f} | {speeds[(batch, False)]:.2f} |")
     print("anchors (torchtune, QLoRA Llama 3.1 8B, one RTX 4090): 7.4 GiB peak, 2,413 tokens/s")
+    print("estimated_gib=" + ",".join(f"{k}:{v}" for k, v in estimated.items()) + " measured_gib="
+          + ",".join(f"{k}:{results[k][1]:.2f}" for k in estimated) + f" longest_tokens={longest}")
     # Batch 4 (the 8B config's batch is 1, where chunks are contiguous anyway): does torchtune's
     # strided chunking cost on this device what it costs on a CPU?
     import subprocess

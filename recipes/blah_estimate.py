@@ -38,7 +38,7 @@ from torchtune.modules.peft import disable_adapter
 from torchtune_blah.checkpointing import atomic_write
 from torchtune_blah.config_schema import ConfigError
 from torchtune_blah.estimate import (CARDS_GB, CUDA_ALLOWANCE_GIB, GPU_PEAK_TFLOPS, Estimate, assumed_mfu,
-                                     bnb_8bit_state_bytes, count_flops, fake_tensors, format_table, gradient_bytes,
+                                     bnb_8bit_state_bytes, compiled_loss_memory, count_flops, fake_tensors, format_table, gradient_bytes,
                                      is_bnb_8bit, measure, storage_bytes,
                                      tensors_without_device_on_meta)
 from torchtune_blah.generation import last_logits, last_position_only
@@ -112,7 +112,7 @@ def check_estimate_config(cfg: DictConfig) -> Dict[str, Any]:
             raise ConfigError(f"phase {phase!r} is selected but the config has no '{phase}:' block with an optimizer")
     layers = cfg.get("layers")
     return {
-        "max_seq_len": max_seq_len, "cards": [float(c) for c in cards], "gpu": gpu, "allowance": float(allowance),
+        "max_seq_len": max_seq_len, "cards": [c if isinstance(c, int) else float(c) for c in cards], "gpu": gpu, "allowance": float(allowance),
         "phases": phases, "gpus": _positive_int(cfg, "gpus", 1),
         "layers": None if layers is None else _positive_int(cfg, "layers"),
         "reply_tokens": _positive_int(cfg, "reply_tokens", 32),
@@ -131,6 +131,7 @@ class BlahEstimateRecipe:
         self._device = torch.device("cpu")  # fake CPU tensors stand in for the GPU's
         self._pause = as_pause_tokens(cfg.get("pause_tokens"), ShapesOnlyTokenizer())
         self._estimates: List[Estimate] = []
+        self._compiled = bool(cfg.get("compile", False))
 
     # ------------------------------------------------------------------ the model, as blah_qlora builds it
 
@@ -225,7 +226,7 @@ class BlahEstimateRecipe:
                 optimizer.step()
 
         self._model.train()
-        with adapters_off, tensors_without_device_on_meta():
+        with adapters_off, tensors_without_device_on_meta(), compiled_loss_memory(self._loss_fn, self._compiled):
             self._micro_batch(batch, cut)  # the gradients exist from here on
             step()  # and the optimizer state
             # Steady state: a micro-batch while gradients and optimizer state are alive.
@@ -320,7 +321,8 @@ class BlahEstimateRecipe:
                  "published QLoRA Llama 3.1 8B reaches on an RTX 4090 (2,413 tokens/s, compile on); "
                  "all tokens of the sequences, not only the supervised ones"]
         if cfg.get("compile", False):
-            notes.append("- compile: true is not run on fake tensors (eager memory is counted; compiled runs use less)")
+            notes.append("- compile: true is not run on fake tensors: the loss keeps what compile keeps "
+                         "(torchtune_blah.estimate.compiled_loss_memory), the layers are counted eager")
         if cfg.get("enable_activation_offloading", False):
             notes.append("- enable_activation_offloading: not modelled (activations counted as if on the GPU)")
         notes += [f"- {e.name.split(':')[0]}: {n}" for e in self._estimates for n in e.notes]

@@ -278,8 +278,9 @@ def main():
     for batch in sorted({b for b, _ in speeds}):
         print(f"| {batch} | {speeds[(batch, True)]:.2f} | {speeds[(batch, False)]:.2f} |")
     print("anchors (torchtune, QLoRA Llama 3.1 8B, one RTX 4090): 7.4 GiB peak, 2,413 tokens/s")
+    to_gib = 1.0 if args.device == "cuda" else 1 / 1024  # CPU: max RSS, whole process (not comparable)
     print("estimated_gib=" + ",".join(f"{k}:{v}" for k, v in estimated.items()) + " measured_gib="
-          + ",".join(f"{k}:{results[k][1]:.2f}" for k in estimated) + f" longest_tokens={longest}")
+          + ",".join(f"{k}:{results[k][1] * to_gib:.2f}" for k in estimated) + f" longest_tokens={longest}")
     # Batch 4 (the 8B config's batch is 1, where chunks are contiguous anyway): does torchtune's
     # strided chunking cost on this device what it costs on a CPU?
     import subprocess

@@ -37,9 +37,9 @@ from torchtune.modules.peft import disable_adapter
 
 from torchtune_blah.checkpointing import atomic_write
 from torchtune_blah.config_schema import ConfigError
-from torchtune_blah.estimate import (CARDS_GB, CUDA_ALLOWANCE_GIB, GPU_PEAK_TFLOPS, Estimate, assumed_mfu,
-                                     bnb_8bit_state_bytes, compiled_loss_memory, count_flops, fake_tensors, format_table, gradient_bytes,
-                                     is_bnb_8bit, measure, storage_bytes,
+from torchtune_blah.estimate import (CARDS_GB, CUDA_ALLOWANCE_GIB, GPU_PEAK_TFLOPS, Estimate, GiB, assumed_mfu,
+                                     bnb_8bit_state_bytes, compiled_loss_memory, count_flops, fake_tensors,
+                                     format_table, gradient_bytes, is_bnb_8bit, measure, storage_bytes,
                                      tensors_without_device_on_meta)
 from torchtune_blah.generation import last_logits, last_position_only
 from torchtune_blah.model import adapter_parameter_names, build_model, set_num_output_chunks
@@ -213,7 +213,10 @@ class BlahEstimateRecipe:
             estimate.notes.append(f"{component}: state counted (2 bytes per element + block statistics), "
                                   "update not run")
         else:
-            optimizer = config.instantiate(pcfg.optimizer, trainable)
+            # On CUDA torch's optimizers default to their foreach path (its temporaries count); on CPU not.
+            gpu_default = ({"foreach": True} if component.startswith("torch.optim.")
+                           and not {"foreach", "fused"} & set(pcfg.optimizer) else {})
+            optimizer = config.instantiate(pcfg.optimizer, trainable, **gpu_default)
         clip = pcfg.get("clip_grad_norm")
         batch = self._batch(batch_size)
         adapters_off = (disable_adapter(self._model) if phase == "embed" and self._adapter_names else nullcontext())
@@ -276,21 +279,30 @@ class BlahEstimateRecipe:
 
     # ------------------------------------------------------------------ FSDP2 and the report
 
-    def _per_gpu(self, estimate: Estimate, sharded_answering: bool) -> Estimate:
-        """FSDP2 over ``gpus`` GPUs: parameters, gradients and optimizer state are sharded; each
-        GPU also holds the layer being computed and the next one, whole (prefetch). In-training
-        validation gathers the whole model on every GPU (torchtune_blah.parallel.FSDP2.answer)."""
+    def _per_gpu(self, estimate: Estimate, sharded: bool) -> Estimate:
+        """FSDP2 over ``gpus`` GPUs (blah_qlora_distributed; not run here, counted from the model):
+        parameters, gradients and optimizer state are sharded, and each GPU also holds whole the
+        unit being computed and the one prefetched (the two largest units: a decoder layer, or a
+        ``custom_sharded_layers`` table). Answering is not sharded: in-training validation
+        gathers the whole model on every GPU (torchtune_blah.parallel.FSDP2.answer), and blah_eval
+        runs a whole model per process."""
         gpus = self._opts["gpus"]
         if gpus == 1:
             return estimate
-        layer = storage_bytes(list(self._model.layers[0].parameters()))
-        if sharded_answering:
-            estimate.parameters = estimate.parameters // gpus + 2 * layer
-        estimate.gradients //= gpus
-        estimate.optimizer_state //= gpus
-        estimate.flops /= gpus
-        estimate.tokens //= gpus
-        estimate.notes.append(f"FSDP2 over {gpus} GPUs: sharded state / {gpus} + 2 whole layers (not run: analytic)")
+        if sharded:
+            units = [storage_bytes(list(layer.parameters())) for layer in self._model.layers]
+            for name in self._cfg.get("custom_sharded_layers") or []:
+                module = getattr(self._model, str(name), None)
+                if module is not None:
+                    units.append(storage_bytes(list(module.parameters())))
+            whole = sum(sorted(units)[-2:])
+            estimate.parameters = estimate.parameters // gpus + whole
+            estimate.gradients //= gpus
+            estimate.optimizer_state //= gpus
+            estimate.notes.append(f"FSDP2 over {gpus} GPUs: parameters, gradients and optimizer state / {gpus}, "
+                                  f"plus the two largest units whole ({whole / GiB:.2f} GiB); counted, not run")
+        else:
+            estimate.notes.append(f"{gpus} GPUs: each holds the whole model while answering")
         return estimate
 
     def run(self) -> List[Estimate]:
@@ -299,15 +311,15 @@ class BlahEstimateRecipe:
             with tensors_without_device_on_meta():  # building too: a buffer made without device= is caught
                 self._build()
             for phase in opts["phases"]:
-                self._estimates.append(self._per_gpu(self._phase(phase), sharded_answering=True))
+                self._estimates.append(self._per_gpu(self._phase(phase), sharded=True))
             validation = self._cfg.get("validation")
             if validation is not None:
                 self._estimates.append(self._per_gpu(self._answering(
                     "validation answering", int(validation.get("batch_size", 8)),
-                    int(validation.get("max_new_tokens", 64))), sharded_answering=False))
+                    int(validation.get("max_new_tokens", 64))), sharded=False))
             self._estimates.append(self._per_gpu(self._answering(
                 "blah_eval answering", opts["eval_batch_size"], opts["eval_max_new_tokens"]),
-                sharded_answering=False))
+                sharded=False))
         return self._estimates
 
     def report(self) -> Dict[str, Any]:

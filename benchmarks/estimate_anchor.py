@@ -21,16 +21,12 @@ The last line is machine-readable; `flops_per_token_qlora` is what blah_estimate
 
 import argparse
 import os
-import sys
 
 import torch
 from omegaconf import OmegaConf
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
-from blah_estimate import BlahEstimateRecipe  # noqa: E402
-
-from torchtune_blah.estimate import GiB, fake_tensors  # noqa: E402
+from torchtune_blah.estimate import GiB, fake_tensors
+from torchtune_blah.recipes.blah_estimate import BlahEstimateRecipe
 
 PUBLISHED = {"8B_full_single_device": (18.9, 1650), "8B_lora_single_device": (16.2, 3083),
              "8B_qlora_single_device": (7.4, 2413)}

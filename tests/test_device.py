@@ -14,7 +14,6 @@ tensor is then a meta tensor, and meta refuses to meet the model's CPU tensors.
 """
 
 import os
-import sys
 
 import pytest
 import torch
@@ -22,10 +21,9 @@ from omegaconf import OmegaConf
 
 from torchtune_blah.estimate import tensors_without_device_on_meta
 from torchtune_blah.pause import PauseEmbedding
+from torchtune_blah.recipes.blah_estimate import BlahEstimateRecipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "recipes"))
-from blah_estimate import BlahEstimateRecipe  # noqa: E402
 
 GPU_CONFIGS = ["llama3_8b_blah", "llama3_8b_blah_2gpu", "llama3_3_70b_blah", "llama3_2_1b_blah",
                "qwen2_5_1_5b_blah", "qwen2_5_3b_blah", "smollm2_1_7b_blah"]

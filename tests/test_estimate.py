@@ -4,7 +4,6 @@ its errors name the key, and `tune run blah_estimate` prints and writes the verd
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,10 +11,9 @@ from omegaconf import OmegaConf
 
 from torchtune_blah.config_schema import ConfigError
 from torchtune_blah.estimate import (GiB, LiveBytes, bnb_8bit_state_bytes, fake_tensors, measure, storage_bytes)
+from torchtune_blah.recipes.blah_estimate import BlahEstimateRecipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "recipes"))
-from blah_estimate import BlahEstimateRecipe  # noqa: E402
 
 
 def test_nf4_weights_count_half_a_byte_per_number_plus_their_scalers():

@@ -25,7 +25,7 @@ import os
 import sys
 from contextlib import nullcontext
 from numbers import Number
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -39,8 +39,8 @@ from torchtune_blah.checkpointing import atomic_write
 from torchtune_blah.config_schema import ConfigError
 from torchtune_blah.estimate import (CARDS_GB, CUDA_ALLOWANCE_GIB, GPU_PEAK_TFLOPS, Estimate, GiB, assumed_mfu,
                                      bnb_8bit_state_bytes, compiled_loss_memory, count_flops, fake_tensors,
-                                     format_table, gradient_bytes, is_bnb_8bit, measure, storage_bytes,
-                                     tensors_without_device_on_meta)
+                                     fewer_layers, format_table, gradient_bytes, is_bnb_8bit, measure,
+                                     ShapesOnlyTokenizer, storage_bytes, tensors_without_device_on_meta)
 from torchtune_blah.generation import last_logits, last_position_only
 from torchtune_blah.model import adapter_parameter_names, build_model, set_num_output_chunks
 from torchtune_blah.pause import PAUSE_PARAM, as_pause_tokens
@@ -49,25 +49,6 @@ from torchtune_blah.prompt_prefix import prompt_cut
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 _IGNORE = -100
-
-
-class ShapesOnlyTokenizer:
-    """What the pause spec and ``pause_init`` ask of a tokenizer, without its file: ``reserved``
-    pause names get placeholder ids (100, 101, ...; the memory is the same), ``copy`` a token id 0."""
-
-    class _AnyName(dict):
-        def __contains__(self, name) -> bool:
-            return True
-
-        def __missing__(self, name):
-            self[name] = 100 + len(self)
-            return self[name]
-
-    def __init__(self) -> None:
-        self.special_tokens = self._AnyName()
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> List[int]:
-        return [0]
 
 
 def _positive_int(cfg: DictConfig, key: str, default: Any = None) -> int:
@@ -112,7 +93,8 @@ def check_estimate_config(cfg: DictConfig) -> Dict[str, Any]:
             raise ConfigError(f"phase {phase!r} is selected but the config has no '{phase}:' block with an optimizer")
     layers = cfg.get("layers")
     return {
-        "max_seq_len": max_seq_len, "cards": [c if isinstance(c, int) else float(c) for c in cards], "gpu": gpu, "allowance": float(allowance),
+        "max_seq_len": max_seq_len, "cards": [c if isinstance(c, int) else float(c) for c in cards], "gpu": gpu,
+        "allowance": float(allowance),
         "phases": phases, "gpus": _positive_int(cfg, "gpus", 1),
         "layers": None if layers is None else _positive_int(cfg, "layers"),
         "reply_tokens": _positive_int(cfg, "reply_tokens", 32),
@@ -137,7 +119,7 @@ class BlahEstimateRecipe:
 
     def _build(self) -> None:
         cfg = self._cfg
-        with _fewer_layers(cfg.model, self._opts["layers"]):
+        with fewer_layers(cfg.model, self._opts["layers"]):
             self._model, self._pause_module = build_model(
                 cfg.model, None, self._pause, self._device, self._dtype, pause_init=cfg.get("pause_init"),
                 tokenizer=ShapesOnlyTokenizer())
@@ -342,53 +324,6 @@ class BlahEstimateRecipe:
         return {"config": {"model": str(cfg.model._component_), "layers": self._num_layers, **opts},
                 "assumed_mfu": assumed_mfu(), "estimates": [e.as_dict(opts["cards"], opts["allowance"])
                                                             for e in self._estimates], "text": text}
-
-
-class _fewer_layers:
-    """Within: the config's model builder makes only ``n`` decoder layers (None: all of them).
-
-    torchtune's model builders (``qlora_llama3_8b`` ...) pass ``num_layers`` to a component builder
-    (``lora_llama3`` ...) found in their module's globals; that one is swapped for the duration."""
-
-    def __init__(self, cfg_model: DictConfig, n: Optional[int]) -> None:
-        self._n, self._swapped = n, []
-        if n is None:
-            return
-        builder = _get_component_from_path(str(cfg_model._component_))
-        while hasattr(builder, "func"):  # functools.partial
-            builder = builder.func
-        self._globals = builder.__globals__
-
-    def __enter__(self):
-        if self._n is None:
-            return self
-        import inspect
-
-        for name, fn in list(self._globals.items()):
-            if callable(fn) and not isinstance(fn, type) and "num_layers" in _parameters(inspect, fn):
-                self._swapped.append((name, fn))
-                self._globals[name] = _with_num_layers(fn, self._n)
-        if not self._swapped:
-            raise ConfigError("layers: this model builder takes no num_layers anywhere; leave layers out")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._swapped:
-            self._globals[name] = fn
-
-
-def _parameters(inspect, fn) -> tuple:
-    try:
-        return tuple(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return ()
-
-
-def _with_num_layers(fn, n: int):
-    def call(*args, **kwargs):
-        kwargs["num_layers"] = n
-        return fn(*args, **kwargs)
-    return call
 
 
 def write_report(report: Dict[str, Any], folder: str) -> None:

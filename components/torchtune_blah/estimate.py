@@ -1,6 +1,7 @@
 """What a GPU run needs, known on a CPU: peak memory by category and FLOPs of blah_qlora's steps and
 answering, measured on fake tensors (``tune run blah_estimate``; the recipe assembles the steps,
-this module counts).
+this module counts, and builds without data. One module over 400 lines on purpose: what is
+counted and what is faked are read together).
 
 The model is built inside PyTorch's ``FakeTensorMode``: tensors with a shape, dtype and device but
 no data. With a ``ShapeEnv``, torchao's NF4 quantization, LoRA, activation checkpointing and
@@ -26,6 +27,7 @@ fake tensors refuse to mix devices (``FakeTensorDeviceMismatchError``). On a GPU
 would make a CPU tensor meet CUDA ones; here it fails on the CPU (``tests/test_device.py``).
 """
 
+import inspect
 import math
 import weakref
 from contextlib import contextmanager
@@ -339,3 +341,72 @@ def format_table(estimates: List[Estimate], cards_gb=CARDS_GB, allowance_gib: fl
         row += ["fits" if e.needs_gib(allowance_gib) <= c else "no" for c in cards_gb]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- building without data
+
+
+class ShapesOnlyTokenizer:
+    """What the pause spec and ``pause_init`` ask of a tokenizer, without its file: ``reserved``
+    pause names get placeholder ids (100, 101, ...; the memory is the same), ``copy`` a token id 0."""
+
+    class _AnyName(dict):
+        def __contains__(self, name) -> bool:
+            return True
+
+        def __missing__(self, name):
+            self[name] = 100 + len(self)
+            return self[name]
+
+    def __init__(self) -> None:
+        self.special_tokens = self._AnyName()
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> List[int]:
+        return [0]
+
+
+class fewer_layers:
+    """Within: the config's model builder makes only ``n`` decoder layers (None: all of them).
+
+    torchtune's model builders (``qlora_llama3_8b`` ...) pass ``num_layers`` to a component builder
+    (``lora_llama3`` ...) found in their module's globals; that one is swapped for the duration."""
+
+    def __init__(self, cfg_model: Any, n: Optional[int]) -> None:
+        self._n, self._swapped = n, []
+        if n is None:
+            return
+        from torchtune.config._utils import _get_component_from_path
+
+        builder = _get_component_from_path(str(cfg_model._component_))
+        while hasattr(builder, "func"):  # functools.partial
+            builder = builder.func
+        self._globals = builder.__globals__
+
+    def __enter__(self):
+        if self._n is None:
+            return self
+        for name, fn in list(self._globals.items()):
+            if callable(fn) and not isinstance(fn, type) and "num_layers" in _parameters(fn):
+                self._swapped.append((name, fn))
+                self._globals[name] = _with_num_layers(fn, self._n)
+        if not self._swapped:
+            raise ValueError("layers: this model builder takes no num_layers anywhere; leave layers out")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._swapped:
+            self._globals[name] = fn
+
+
+def _parameters(fn) -> tuple:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _with_num_layers(fn, n: int):
+    def call(*args, **kwargs):
+        kwargs["num_layers"] = n
+        return fn(*args, **kwargs)
+    return call

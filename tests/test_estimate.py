@@ -105,3 +105,21 @@ def test_tune_run_blah_estimate_prints_and_writes_the_verdicts(tmp_path):
     bad = subprocess.run(["tune", "run", "blah_estimate", "--config", "llama3_2_1b_blah", "cards=[big]"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "cards" in bad.stderr
+
+
+def test_fake_tensors_count_what_real_tensors_hold():
+    """The same steps on real CPU tensors (SmolLM2-135M's shapes, 2 layers): every category and the
+    FLOPs agree, so building and running without data changes nothing that is counted."""
+    cfg = OmegaConf.load(os.path.join(REPO, "configs", "smollm2_135m_blah.yaml"))
+    cfg = OmegaConf.merge(cfg, {"layers": 2, "tokenizer": {"max_seq_len": 192}, "eval_batch_size": 2,
+                                "validation": {"batch_size": 2, "max_new_tokens": 4, "every_n_steps": 1}})
+    torch.manual_seed(0)
+    real = BlahEstimateRecipe(cfg).run(fake=False)
+    fake = BlahEstimateRecipe(cfg).run()
+    assert [e.name for e in real] == [e.name for e in fake] and len(real) == 4
+    for r, f in zip(real, fake):
+        assert (r.parameters, r.gradients, r.optimizer_state, r.flops) == (f.parameters, f.gradients,
+                                                                           f.optimizer_state, f.flops), r.name
+        assert r.step_temporaries == f.step_temporaries, r.name
+        # (A boolean mask's count has no value on fake tensors: measured 160 bytes apart, of 56 MB.)
+        assert abs(r.activations - f.activations) <= 1024, (r.name, r.activations, f.activations)

@@ -25,7 +25,8 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from torchtune_blah.estimate import GiB, fake_tensors
+from torchtune_blah.estimate import (Estimate, GiB, bnb_8bit_state_bytes, compiled_loss_memory, count_flops,
+                                     fake_tensors, measure, tensors_without_device_on_meta)
 from torchtune_blah.recipes.blah_estimate import BlahEstimateRecipe
 
 PUBLISHED = {"8B_full_single_device": (18.9, 1650), "8B_lora_single_device": (16.2, 3083),
@@ -70,9 +71,6 @@ class FullFinetune(BlahEstimateRecipe):
         params = self._set_trainable(phase, False)
         # optimizer_in_bwd: the post-accumulate-grad hook steps and frees each gradient.
         hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
-        from torchtune_blah.estimate import (Estimate, bnb_8bit_state_bytes, compiled_loss_memory, count_flops, measure,
-                                             tensors_without_device_on_meta)
-
         batch = self._batch(2)
         e = Estimate(name="full finetune: batch 2 x 2048, optimizer in backward")
         with tensors_without_device_on_meta(), compiled_loss_memory(self._loss_fn, self._compiled):

@@ -45,6 +45,8 @@ from torchtune_blah.generation import last_logits, last_position_only
 from torchtune_blah.model import adapter_parameter_names, build_model, set_num_output_chunks
 from torchtune_blah.pause import PAUSE_PARAM, as_pause_tokens
 from torchtune_blah.prompt_prefix import prompt_cut
+from torchtune_blah.recipe_config import check_phases
+from torchtune_blah.run_dir import PHASES
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -85,12 +87,8 @@ def check_estimate_config(cfg: DictConfig) -> Dict[str, Any]:
     allowance = cfg.get("cuda_allowance_gib", CUDA_ALLOWANCE_GIB)
     if isinstance(allowance, bool) or not isinstance(allowance, Number) or allowance < 0:
         raise ConfigError(f"cuda_allowance_gib must be a number >= 0, got {allowance!r}")
-    phases = [str(p) for p in (cfg.get("phases") or ["embed", "lora"])]
-    for phase in phases:
-        if phase not in ("embed", "lora"):
-            raise ConfigError(f"phases: unknown phase {phase!r}; the phases are ['embed', 'lora']")
-        if not isinstance(cfg.get(phase), (dict, DictConfig)) or "optimizer" not in cfg[phase]:
-            raise ConfigError(f"phase {phase!r} is selected but the config has no '{phase}:' block with an optimizer")
+    # blah_qlora's checks of the phases and their blocks (batch sizes, accumulation), its default phases
+    phases = check_phases(cfg if cfg.get("phases") is not None else OmegaConf.merge(cfg, {"phases": list(PHASES)}))
     layers = cfg.get("layers")
     return {
         "max_seq_len": max_seq_len, "cards": [c if isinstance(c, int) else float(c) for c in cards], "gpu": gpu,

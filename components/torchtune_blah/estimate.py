@@ -220,9 +220,6 @@ class LiveBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
 
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns

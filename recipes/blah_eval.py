@@ -15,10 +15,12 @@
 #   na_probs.json       {id: P(abstain)} for the official script's best thresholds
 #   eval_data.json      the evaluated questions in the official format (the script's data file)
 #   metrics.json        llama-squad's five numbers + the official script's keys, the abstention rate,
-#                       the AUROC of na_prob and 95% bootstrap intervals
+#                       the AUROC of na_prob and of confidence for wrong answers (auroc_wrong), 95%
+#                       bootstrap intervals, review_budget (model + expert at 10/20/30/50% reviewed)
 #   results.md          one row in the layout of llama-squad's results table (+ the same statistics)
 #   risk_coverage.png, na_prob_histogram.png   (with matplotlib, the `plots` extra)
-#   review_queue.jsonl  the least certain answers first, as training records to correct
+#   review_queue.jsonl  invalid JSON, then the least confident answers, as training records to correct
+#   review_budget.png   EM of the model + an expert who answers the least confident X% (vs a random X%)
 #   calibration.json    calibrate=true: the abstention rule and threshold chosen on these questions
 #                       (also written to <run_dir>/<stage>/calibration.json)
 #
@@ -42,6 +44,8 @@ from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config,
                                             check_calibration_rows, run_fingerprint)
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, llama_squad_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
+from torchtune_blah.eval.routing import (TARGET_EM, budget_lines, check_expert_accuracy, check_target_em,
+                                         confidence_report, review_budget)
 from torchtune_blah.eval.run import Answerer, answer_into, run_prompts
 from torchtune_blah.eval.stats import auroc, summary_statistics
 from torchtune_blah.pause import read_pause_embeddings
@@ -117,6 +121,8 @@ class BlahEvalRecipe:
         if self._abstention is not None:  # (absent for greedy, so older evaluations still resume)
             self._settings["abstention"] = self._abstention
         self._run_fields = {"run_dir": str(cfg.get("run_dir") or ""), "stage": self._stage}
+        self._expert_accuracy = check_expert_accuracy(cfg.get("expert_accuracy", 1.0))
+        self._target_em = check_target_em(cfg.get("review_target_em", TARGET_EM))
 
     def _check_pause_settings(self, cfg: DictConfig) -> None:
         """The pause tokens come from the run's artifacts; a config that names others is a mistake."""
@@ -200,6 +206,13 @@ class BlahEvalRecipe:
             "official": {**official_metrics(rows), **official_best_thresholds(rows)},
             "summary": summary_statistics(rows),
         }
+        # How well the confidence finds the wrong answers, and what sending the least confident to an
+        # expert buys against a random share (eval.routing).
+        confidence = confidence_report(rows)
+        metrics["summary"].update(auroc_wrong=confidence["auroc_wrong"])
+        metrics["summary"]["ci95"]["auroc_wrong"] = confidence["ci95"]
+        metrics["confidence"] = confidence
+        metrics["review_budget"] = review_budget(rows, self._expert_accuracy, target_em=self._target_em)
         if abstention is not None:
             no_answer = [not r["has_answer"] for r in rows]
             metrics["auroc_by_score"] = {rule: auroc([r["abstain_scores"][rule] for r in rows], no_answer)
@@ -216,11 +229,11 @@ class BlahEvalRecipe:
         # exactly this set (it expects a prediction for every question of its data file).
         atomic_json(official_data(self._records), os.path.join(out, "eval_data.json"))
         name = self._cfg.get("model_name") or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
-        atomic_text(results_row(name, metrics["llama_squad"], metrics["summary"], metrics["official"]),
+        atomic_text(results_row(name, metrics["llama_squad"], metrics["summary"], metrics["official"])
+                    + "\n" + "\n".join(budget_lines(metrics["review_budget"])) + "\n",
                     os.path.join(out, "results.md"))
         self._write_plots(rows, name)
-        threshold = abstention["threshold"] if abstention else 0.5
-        queue = review_queue(rows, limit=self._cfg.get("review_queue_size"), threshold=threshold)
+        queue = review_queue(rows, limit=self._cfg.get("review_queue_size"))
         atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics
@@ -251,7 +264,7 @@ class BlahEvalRecipe:
         from torchtune_blah.eval.plots import write_plots
 
         try:
-            write_plots(rows, self._output_dir, f"{name}: {len(rows)} questions")
+            write_plots(rows, self._output_dir, f"{name}: {len(rows)} questions", self._expert_accuracy)
         except ImportError:
             log.info("no plots: matplotlib is not installed (pip install 'torchtune-blah[plots]')")
 

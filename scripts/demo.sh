@@ -28,9 +28,13 @@ python -m torchtune_blah.eval.compare "SmolLM2-135M-Instruct=$out/eval_base" \
   "+ 5 <blah> + LoRA, greedy=$out/eval_lora@greedy" \
   "+ 5 <blah> + LoRA, calibrated=$out/eval_lora" | tee "$out/comparison.md"
 echo
+echo "What an expert buys: the trained model (calibrated) answers, an expert answers the least confident X%"
+echo "(against a random X%; the expert assumed right):"
+python -m torchtune_blah.eval.routing "$out/eval_lora"
+echo
 echo "$(( (SECONDS - start) / 60 )) minutes after the install. Outputs in $out:"
 echo "  embed/pause_embeddings.safetensors   the trained pause rows"
 echo "  lora/adapter_model.safetensors       the LoRA adapter (PEFT layout) + adapter_config.json"
 echo "  lora/calibration.json                the abstention rule and threshold chosen on validation articles"
 echo "  lora/model-00001-of-00001.safetensors the merged model; logs/ the per-step losses"
-echo "  eval_base/, eval_lora/               metrics.json, predictions.jsonl, results.md, risk_coverage.png, ..."
+echo "  eval_base/, eval_lora/               metrics.json, predictions.jsonl, results.md, review_budget.png, ..."

@@ -126,6 +126,8 @@ class EvalConfig:  # blah_eval
     calibrate_metric: str = "exact"
     calibration_file: Optional[str] = None
     review_queue_size: Optional[int] = 20  # null: every question
+    expert_accuracy: float = 1.0  # review_budget: how often the expert is right (checked in eval.routing)
+    review_target_em: float = 80.0  # review_budget: the share of review that reaches this EM
     model_name: Optional[str] = None
     device: str = "cuda"
     dtype: str = "bf16"

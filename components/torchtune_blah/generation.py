@@ -10,9 +10,10 @@ every step's logits, so they are never generated.
 While decoding, ``probe`` records each row's probability of one chosen token at
 one chosen step: evaluation uses it to read the model's probability of
 abstaining right where the answer value starts. With ``probe_mask`` that token is
-also forbidden at that step, so the row decodes its best non-abstention span, and
-each row's log-probability of what it wrote from that step on is summed (the
-span's own probability, for the null-score rule of calibrated abstention).
+also forbidden at that step, so the row decodes its best non-abstention span. Each
+row's log-probability of what it wrote from that step on is summed (the probability of the
+value it gave, and of not abstaining: the null-score rule of calibrated abstention reads it,
+and so does every answer's ``confidence``).
 
 The prompts of a batch start alike (system prompt and instructions: about half of a SQuAD
 prompt). ``share_prefix`` computes that common prefix once, at batch size 1, copies its keys
@@ -53,7 +54,10 @@ class Generation:
     stopped: bool  # a stop token was generated (else max_new_tokens ran out)
     probe_prob: Optional[float] = None
     probe_argmax: bool = False  # the probed token was the most likely one at its step (greedy would write it)
-    span_logprob: float = 0.0  # sum of log P(token) of the tokens written from the probe step on (probe_mask)
+    # Sums of log P(token) (the unmasked distribution) of the tokens written: from the probe step on
+    # (the answer value and what closes it), and of the whole reply.
+    span_logprob: float = 0.0
+    reply_logprob: float = 0.0
 
 
 @torch.inference_mode()
@@ -77,8 +81,9 @@ def greedy_generate(
     time (llama-squad's way; kept for the benchmark and for checking the cache).
     ``probe=(step, token_id)``: record ``P(token_id)`` at generated position ``step`` (a
     tuple of ids: their summed probability); ``probe_mask=True`` also forbids those ids there
-    and sums the log-probabilities (under the unmasked distribution) of the tokens written
-    from ``step`` on.
+    so the row writes its best other continuation. Every row's log-probability of what it
+    wrote is summed from ``step`` on (``span_logprob``) and over the whole reply (``reply_logprob``),
+    under the unmasked distribution.
     ``on_token(row, token_id)`` is called for every generated token as it comes (streaming).
     ``share_prefix``: pre-fill the prompts' common prefix once (module docstring).
     """
@@ -180,25 +185,26 @@ def last_logits(output) -> torch.Tensor:
 def _pick(logits, pause, step, probe, probe_mask, out, done):
     logits = logits.float()
     mask_pause_logits(logits, pause)
-    log_probs = None
+    # The log-probabilities of what is written are read under the model's own (unmasked)
+    # distribution, also at the probe step where ``probe_mask`` forbids the probed ids.
+    log_probs = torch.log_softmax(logits, dim=-1)
     if probe is not None and step == probe[0]:
         argmax = logits.argmax(dim=-1)
         ids = [probe[1]] if isinstance(probe[1], int) else list(probe[1])
-        probs = torch.softmax(logits, dim=-1)
+        probs = log_probs.exp()
         probs = probs[:, ids[0]] if len(ids) == 1 else probs[:, ids].sum(dim=-1)
         for row, p in enumerate(probs.tolist()):
             if not bool(done[row]):
                 out[row].probe_prob = p
                 out[row].probe_argmax = int(argmax[row]) in ids
-        if probe_mask:  # the span's probabilities are the unmasked model's
-            log_probs = torch.log_softmax(logits, dim=-1)
+        if probe_mask:
             logits[:, ids] = float("-inf")
     next_ids = logits.argmax(dim=-1)
-    if probe_mask and probe is not None and step >= probe[0]:
-        if log_probs is None:
-            log_probs = torch.log_softmax(logits, dim=-1)
-        for row, lp in enumerate(log_probs.gather(1, next_ids[:, None]).flatten().tolist()):
-            if not bool(done[row]):
+    from_probe = probe is not None and step >= probe[0]
+    for row, lp in enumerate(log_probs.gather(1, next_ids[:, None]).flatten().tolist()):
+        if not bool(done[row]):
+            out[row].reply_logprob += lp
+            if from_probe:
                 out[row].span_logprob += lp
     return next_ids
 

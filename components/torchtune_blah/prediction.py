@@ -8,7 +8,8 @@ model wrote and what that means, and which run answered. What only some rows hav
 - ``gold_answers``, ``has_answer`` and the per-question scores (``score_example``): questions with
   known answers (``blah_eval``, validation);
 - ``first_turn_output``: the two-turn style's yes/no reply;
-- ``span_answer``, ``abstain_scores`` (and ``greedy_answer``, single turn): a threshold rule;
+- ``confidence``: the model's probability of the answer it gives (``eval.routing``);
+- ``span_answer``, ``span_prob``, ``abstain_scores`` (and ``greedy_answer``, single turn): a threshold rule;
 - ``explanation``: ``blah_generate explain=true``;
 - ``answers``, ``review_reason``: the review queue (``answers`` is the model's proposal as a
   training record's answers, for an expert to correct).
@@ -37,6 +38,7 @@ class _Required(TypedDict):
 
 
 class Prediction(_Required, total=False):
+    confidence: float  # P(the answer given), eval.routing.answer_confidence (rows of earlier versions lack it)
     gold_answers: List[str]
     has_answer: bool
     valid_json: bool
@@ -45,6 +47,7 @@ class Prediction(_Required, total=False):
     official_f1: float
     first_turn_output: str
     span_answer: Optional[str]
+    span_prob: float
     abstain_scores: Dict[str, float]
     greedy_answer: Optional[str]
     explanation: str
@@ -66,13 +69,15 @@ def prediction_rows(records: Sequence[SquadRecord], replies: Sequence[Any], *, r
             "model_answer": reply.answer, "raw_output": reply.text, "prediction": official_prediction(reply.answer),
             "na_prob": reply.na_prob, "run_dir": run_dir, "stage": stage,
         }
+        if reply.confidence is not None:
+            row["confidence"] = reply.confidence
         if scored:
             row.update(gold_answers=list(record.answers), has_answer=record.has_answer,
                        **score_example(record.answers, reply.answer))
         if reply.first_turn is not None:
             row["first_turn_output"] = reply.first_turn
         if reply.scores is not None:
-            row.update(span_answer=reply.span_answer, abstain_scores=reply.scores)
+            row.update(span_answer=reply.span_answer, span_prob=reply.span_prob, abstain_scores=reply.scores)
             if reply.greedy_known:
                 row["greedy_answer"] = reply.greedy_answer
         rows.append(row)

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Optional
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from torchtune_blah.config_schema import ConfigError, QLoRAConfig, check_component_keys, check_config
 from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, read_pause_embeddings
@@ -125,12 +125,35 @@ def check_init_from(cfg: DictConfig, pause: PauseTokens, dim: Optional[int]) -> 
     return stage_dir
 
 
+def check_training_data(cfg: DictConfig) -> None:
+    """Our dataset builders' replay section, and local files (e.g. reviewed corrections) that hold
+    no usable question: refused here, not after the model has loaded."""
+    from torchtune_blah.data.replay import ReplayError, check_replay
+    from torchtune_blah.data.squad import load_squad_records
+
+    data = cfg.dataset
+    if not str(data.get("_component_", "")).startswith("torchtune_blah.data."):
+        return
+    replay = data.get("replay")
+    try:
+        check_replay(OmegaConf.to_container(replay, resolve=True) if isinstance(replay, DictConfig) else replay)
+    except ReplayError as e:
+        raise ConfigError(str(e)) from None
+    if data.get("source") == "json":
+        try:
+            load_squad_records("json", data_files=OmegaConf.to_object(data.get("data_files"))
+                               if isinstance(data.get("data_files"), ListConfig) else data.get("data_files"))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"dataset.data_files: {e}") from None
+
+
 def check_qlora_config(cfg: DictConfig, pause: PauseTokens) -> list:
     """Validate a ``blah_qlora`` config; returns the phases to run."""
     phases = check_phases(cfg)
     for key in ("output_dir", "model", "tokenizer", "checkpointer", "dataset"):
         if cfg.get(key) is None:
             raise ConfigError(f"{key} is missing from the config")
+    check_training_data(cfg)
     checkpoint_dir = cfg.checkpointer.get("checkpoint_dir")
     if checkpoint_dir and _is_inside(str(cfg.output_dir), str(checkpoint_dir)):
         raise ConfigError(f"output_dir ({cfg.output_dir}) is inside checkpointer.checkpoint_dir ({checkpoint_dir}); "

@@ -46,6 +46,7 @@ from torchtune_blah.data.squad import (
     load_squad_records,
     squad_messages,
 )
+from torchtune_blah.data.replay import check_replay, with_replay
 from torchtune_blah.pause import PauseTokens, as_pause_tokens
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def squad_chat_dataset(
     holdout_seed: int = 42,
     part: str = "train",
     max_context_words: Optional[int] = None,
+    replay: Optional[Mapping[str, Any]] = None,
     **load_dataset_kwargs: Any,
 ) -> Union[SquadChatDataset, PackedDataset]:
     """SQuAD 2.0 as chat with pause tokens and answer-only loss (``dataset._component_``).
@@ -195,8 +197,13 @@ def squad_chat_dataset(
             holdout`` the held-out records.
         max_context_words: keep only questions whose context has at most this many
             words (short contexts make small CPU runs fit in minutes); None keeps all.
+        replay: ``{from_run, ratio, seed}``: add ``ratio`` x (number of records) questions that the
+            run ``from_run`` trained on (seeded; ``torchtune_blah.data.replay``), so that retraining
+            on corrections does not forget; a ratio below 1 weights the corrections up. ``from_run:
+            null`` replays nothing.
     """
     check_prompt_templates(prompt_style, single_turn_prompt, multi_turn_first_prompt)
+    replay = check_replay(replay)
     pause = as_pause_tokens(pause_tokens, tokenizer)
     if max_seq_len is None:
         max_seq_len = getattr(tokenizer, "max_seq_len", None)
@@ -205,6 +212,8 @@ def squad_chat_dataset(
     records = load_squad_records(source, data_files=data_files, split=split, **load_dataset_kwargs)
     records = filter_context_words(records, max_context_words)
     records = holdout_split(records, holdout_fraction, holdout_seed, part)
+    if part == "train":  # (held-out questions are measured once, and never replayed)
+        records = with_replay(records, replay, tokenizer)
     dataset = SquadChatDataset(
         tokenizer, records, pause, prompt_style=prompt_style, max_seq_len=max_seq_len,
         all_answers=all_answers, system_prompt=system_prompt, single_turn_prompt=single_turn_prompt,

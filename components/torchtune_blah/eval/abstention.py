@@ -184,7 +184,8 @@ def load_calibration(path: str, fingerprint: Mapping[str, str], prompt_style: st
 
 def apply_rule(rows: Sequence[Mapping[str, Any]], rule: str, threshold: Optional[float]) -> List[Dict[str, Any]]:
     """Rows re-decided under another rule (``threshold`` None: the greedy answers of the same pass,
-    single-turn rows only), with their per-question scores recomputed. For reports and plots."""
+    single-turn rows only), with their per-question scores and ``confidence`` recomputed (an
+    abstention's is the rule's score, a span's the span's probability). For reports and plots."""
     from torchtune_blah.eval.metrics import official_prediction
 
     out = []
@@ -196,6 +197,8 @@ def apply_rule(rows: Sequence[Mapping[str, Any]], rule: str, threshold: Optional
             score = row["abstain_scores"][rule]
             answer = decide(row["span_answer"], score, threshold)
         new = {**row, "model_answer": answer, "prediction": official_prediction(answer), "na_prob": score}
+        if "span_prob" in row:  # (rows of earlier versions have no probabilities to read it from)
+            new["confidence"] = score if answer == NO_ANSWER else float(row["span_prob"])
         new.update(score_example(row["gold_answers"], answer))
         out.append(new)
     return out

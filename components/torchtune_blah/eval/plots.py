@@ -5,6 +5,8 @@
   operating point is marked.
 - ``na_prob_histogram.png``: ``na_prob`` of answerable and unanswerable questions. A score that
   knows when the context has no answer puts the two apart.
+- ``review_budget.png``: exact match of the model + an expert against the share of questions the
+  expert answers, the least confident first or at random (``eval.routing``).
 """
 
 import os
@@ -12,7 +14,7 @@ from typing import List, Mapping, Sequence
 
 from torchtune_blah.eval.metrics import score_example
 
-PLOT_FILES = ("risk_coverage.png", "na_prob_histogram.png")
+PLOT_FILES = ("risk_coverage.png", "na_prob_histogram.png", "review_budget.png")
 
 
 def risk_coverage(rows: Sequence[Mapping]) -> List[tuple]:
@@ -31,8 +33,8 @@ def risk_coverage(rows: Sequence[Mapping]) -> List[tuple]:
     return points
 
 
-def write_plots(rows: Sequence[Mapping], output_dir: str, title: str) -> List[str]:
-    """Write both PNGs (atomically); returns their paths. Raises ImportError without matplotlib."""
+def write_plots(rows: Sequence[Mapping], output_dir: str, title: str, expert_accuracy: float = 1.0) -> List[str]:
+    """Write the PNGs (atomically); returns their paths. Raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,6 +71,23 @@ def write_plots(rows: Sequence[Mapping], output_dir: str, title: str) -> List[st
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     paths.append(_save(fig, os.path.join(output_dir, PLOT_FILES[1])))
+
+    from torchtune_blah.eval.routing import REVIEW_SHARES, curves
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    c = curves(rows, expert_accuracy)
+    ax.plot(c["share"], c["least_confident"], color="tab:blue", label="least confident reviewed first")
+    ax.plot(c["share"], c["random"], color="gray", linestyle="--", label="reviewed at random")
+    for share in REVIEW_SHARES:
+        ax.axvline(share, color="lightgray", linewidth=0.8, zorder=0)
+    ax.set_xlabel("% of questions an expert answers")
+    ax.set_ylabel("% exact match, model + expert")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{title}; expert right {100 * expert_accuracy:.0f}%", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, os.path.join(output_dir, PLOT_FILES[2])))
     plt.close("all")
     return paths
 

@@ -72,10 +72,19 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         lines.append("  abstention and intervals:")
         lines.append(f"    {'% abstained':<28} {summary['pct_abstained']:7.2f}")
         lines.append(f"    {'AUROC of na_prob':<28} {_auroc(summary)}")
+        if summary.get("auroc_wrong") is not None:
+            low, high = summary["ci95"]["auroc_wrong"]
+            lines.append(f"    {'AUROC of confidence, wrong':<28} {summary['auroc_wrong']:.3f} [{low:.2f}, {high:.2f}]")
         lines.append(f"    {'official EM 95% CI':<28} {_interval(summary, 'official_exact')}")
         lines.append(f"    {'official F1 95% CI':<28} {_interval(summary, 'official_f1')}")
     for score, value in (metrics.get("auroc_by_score") or {}).items():
         lines.append(f"    {'AUROC of ' + score:<28} {value:7.3f}" if value is not None else f"    AUROC of {score}: n/a")
+    budget = metrics.get("review_budget")
+    if budget:
+        from torchtune_blah.eval.routing import COMPARE_SHARE, budget_cells
+
+        lines.append(f"  model + expert, {COMPARE_SHARE}% reviewed (least confident / random, difference [95% CI]): "
+                     f"{budget_cells(budget)}")
     greedy = metrics.get("greedy_same_pass")
     if greedy:
         lines.append(f"  greedy answers of the same pass: official EM {greedy['official']['exact']:.2f}, "
@@ -83,30 +92,22 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def review_priority(row: Mapping[str, Any], threshold: float = 0.5) -> tuple:
-    """Sort key, most in need of a person first: invalid JSON, then answers that
-    disagree with the model's own abstention probability, then by closeness of that
-    probability to the decision threshold (0.5, or the calibrated one)."""
-    abstained = row["model_answer"] == "?"
-    disagrees = row["model_answer"] is not None and abstained != (row["na_prob"] > threshold)
-    return (row["model_answer"] is not None, not disagrees, abs(row["na_prob"] - threshold), row["id"])
-
-
-def review_queue(rows: List[Mapping[str, Any]], limit: Optional[int] = None, threshold: float = 0.5) -> List[Dict]:
-    """The questions to show an expert: their ``Prediction`` rows, least certain first, each also a
-    training record.
+def review_queue(rows: List[Mapping[str, Any]], limit: Optional[int] = None) -> List[Dict]:
+    """The questions to show an expert: their ``Prediction`` rows in review order (invalid JSON, then
+    the least confident: ``eval.routing``), each also a training record.
 
     ``answers`` holds the model's proposal (``[]`` when it abstained or its reply did not parse);
     the expert corrects it in place, and the file goes back into training as
     ``dataset: {source: json, data_files: review_queue.jsonl}``.
     """
+    from torchtune_blah.eval.routing import review_order, row_confidence
+
     queue = []
-    for row in sorted(rows, key=lambda r: review_priority(r, threshold))[:limit]:
+    for i in review_order(rows)[:limit]:
+        row = rows[i]
         answer = row["model_answer"]
-        reason = ("invalid JSON" if answer is None else
-                  "answer disagrees with its abstention probability" if review_priority(row, threshold)[1] is False else
-                  "uncertain")
-        queue.append({**row, "answers": [] if answer in (None, "?") else [answer], "review_reason": reason})
+        reason = "invalid JSON" if answer is None else f"confidence {row_confidence(row):.3f}"
+        queue.append({**row, "answers": [] if answer in (None, NO_ANSWER) else [answer], "review_reason": reason})
     return queue
 
 
@@ -121,7 +122,7 @@ def official_data(records) -> Dict[str, Any]:
 def always_abstain_rows(rows: List[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     """The rows of a model that answers "?" to every question of the same evaluation: the
     baseline any abstention-heavy model must be read against (its na_prob is constant)."""
-    return [{**r, "model_answer": NO_ANSWER, "raw_output": "", "prediction": "", "na_prob": 1.0,
+    return [{**r, "model_answer": NO_ANSWER, "raw_output": "", "prediction": "", "na_prob": 1.0, "confidence": 1.0,
              **score_example(r["gold_answers"], NO_ANSWER)} for r in rows]
 
 
@@ -130,9 +131,10 @@ BASELINE_NAME = 'always "?" (baseline)'
 
 def comparison_table(named_rows: List[tuple]) -> str:
     """Markdown: one row per ``(name, predictions.jsonl rows)`` of the same questions, in the
-    article's layout plus the official EM with its 95% interval, F1, the abstention rate and the
-    AUROC of na_prob; the always-"?" baseline; then the paired differences in official EM
+    article's layout plus the official EM with its 95% interval, F1, the abstention rate, the
+    AUROC of na_prob and the EM of model + expert with 30% reviewed; the always-"?" baseline; then the paired differences in official EM
     (same questions resampled together) against the baseline and against the first row."""
+    from torchtune_blah.eval.routing import COMPARE_SHARE, budget_cells, review_budget
     from torchtune_blah.eval.stats import paired_difference, summary_statistics
 
     named = list(named_rows)
@@ -140,12 +142,14 @@ def comparison_table(named_rows: List[tuple]) -> str:
         return ""
     named.append((BASELINE_NAME, always_abstain_rows(named[0][1])))
     header = ("| Model | " + " | ".join(title for _, title in LLAMA_SQUAD_COLUMNS if "valid JSON)" not in title)
-              + " | " + " | ".join(TRUST_COLUMNS) + " | Questions |")
+              + " | " + " | ".join(TRUST_COLUMNS)
+              + f" | EM, {COMPARE_SHARE}% to an expert: least confident / random (difference [95% CI]) | Questions |")
     keys = [key for key, title in LLAMA_SQUAD_COLUMNS if "valid JSON)" not in title]
-    lines = [header, "|---|" + "---:|" * (len(keys) + len(TRUST_COLUMNS) + 1)]
+    lines = [header, "|---|" + "---:|" * (len(keys) + len(TRUST_COLUMNS) + 2)]
     for name, rows in named:
         ours, official, summary = llama_squad_metrics(rows), official_metrics(rows), summary_statistics(rows)
-        cells = [f"{ours[key]:.2f}" for key in keys] + trust_cells(summary, official) + [str(len(rows))]
+        cells = ([f"{ours[key]:.2f}" for key in keys] + trust_cells(summary, official)
+                 + [budget_cells(review_budget(rows)), str(len(rows))])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     exact = {name: [100.0 * float(r["official_exact"]) for r in rows] for name, rows in named}
     first = named[0][0]

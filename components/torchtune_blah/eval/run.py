@@ -116,12 +116,16 @@ class Reply:
     """The model's answer to one question."""
 
     text: str  # the reply from the forced prefix "\n```json" on, as generated
-    na_prob: float  # P(abstention token) where the answer value starts
+    # The abstention score the rule reads: greedy, P(abstention token) where the answer value
+    # starts; a threshold rule, that rule's score (``scores[rule]``).
+    na_prob: float
     answer: Optional[str]  # parsed from the JSON block; None when it does not parse
     first_turn: Optional[str] = None  # multi_turn: the reply to the yes/no question
-    # With a threshold rule (abstention given): the best non-abstention span, every score, and
-    # (single turn) what greedy decoding would have answered.
+    confidence: Optional[float] = None  # P(the answer given): ``eval.routing.answer_confidence``
+    # With a threshold rule (abstention given): the best non-abstention span and its probability,
+    # every score, and (single turn) what greedy decoding would have answered.
     span_answer: Optional[str] = None
+    span_prob: Optional[float] = None
     scores: Optional[Dict[str, float]] = None
     greedy_answer: Optional[str] = None  # None: invalid JSON (or unknown, see greedy_known)
     greedy_known: bool = False
@@ -150,6 +154,7 @@ def generate_replies(
     ``yes_no_probe`` (multi_turn): where P("no") of the first reply is read. ``share_prefix``: the
     prompts' common prefix is pre-filled once per batch (``generation.greedy_generate``)."""
     from torchtune_blah.eval.abstention import abstention_scores, decide
+    from torchtune_blah.eval.routing import answer_confidence
 
     prompts = prompts or {}
     pause_ids = pause.sequence  # (none with NO_PAUSE)
@@ -175,16 +180,22 @@ def generate_replies(
     out = []
     for (text, prob, gen), turn1, no in zip(replies, first_turn, p_no):
         answer = extract_answer(text)
+        # log P(the value it wrote), from where the value starts; the whole reply's when it left the scaffold
+        on_scaffold = tuple(gen.tokens[: probe.step]) == probe.scaffold
+        value_logprob = gen.span_logprob if on_scaffold else gen.reply_logprob
         if not masked:
-            out.append(Reply(text=text, na_prob=prob, answer=answer, first_turn=turn1))
+            out.append(Reply(text=text, na_prob=prob, answer=answer, first_turn=turn1,
+                             confidence=answer_confidence(answer, prob, value_logprob)))
             continue
         rule, threshold = abstention
         scores = abstention_scores(prob, gen.span_logprob, no)
         single = prompt_style == "single_turn"  # masking changed nothing unless "?" was the greedy choice
         greedy = (NO_ANSWER if gen.probe_argmax else answer) if single else None
-        out.append(Reply(text=text, na_prob=scores[rule], answer=decide(answer, scores[rule], threshold),
-                         first_turn=turn1, span_answer=answer, scores=scores, greedy_answer=greedy,
-                         greedy_known=single))
+        decided = decide(answer, scores[rule], threshold)
+        out.append(Reply(text=text, na_prob=scores[rule], answer=decided, first_turn=turn1,
+                         confidence=answer_confidence(decided, scores[rule], value_logprob),
+                         span_answer=answer, span_prob=answer_confidence(answer, 0.0, value_logprob),
+                         scores=scores, greedy_answer=greedy, greedy_known=single))
     return out
 
 

@@ -61,8 +61,8 @@ CREATE TABLE IF NOT EXISTS items (
     source_file TEXT NOT NULL,
     imported_at TEXT NOT NULL,
     p_valid INTEGER NOT NULL,
-    p_agrees INTEGER NOT NULL,
-    p_distance REAL NOT NULL
+    p_agrees INTEGER NOT NULL,   -- 0 (was: the answer agrees with na_prob); kept so older files open
+    p_distance REAL NOT NULL     -- the answer's confidence (was: |na_prob - threshold|); low first
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

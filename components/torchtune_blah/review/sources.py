@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
-from torchtune_blah.eval.report import review_priority
+from torchtune_blah.eval.routing import review_key
 from torchtune_blah.prediction import REQUIRED, upgrade_row
 from torchtune_blah.resumable import read_jsonl_objects
 
@@ -33,6 +33,7 @@ class ReviewItem:
     run_dir: str
     stage: str
     source_file: str
+    confidence: Optional[float] = None  # P(the answer given); rows of earlier versions have none
 
     @property
     def source_key(self) -> str:
@@ -42,10 +43,12 @@ class ReviewItem:
 
     @property
     def priority(self) -> tuple:
-        """Queue order, least certain first (``review_priority``, as ``review_queue.jsonl`` ranks)."""
-        valid, agrees, distance, _ = review_priority(
-            {"model_answer": self.model_answer, "na_prob": self.na_prob, "id": self.qid})
-        return int(valid), int(agrees), float(distance)
+        """Queue order (``eval.routing.review_key``, as ``review_queue.jsonl`` ranks): invalid JSON
+        first, then the least confident. (The database keeps three columns; the middle one, once
+        "disagrees with na_prob", is 0 for every item.)"""
+        valid, confidence, _ = review_key({"model_answer": self.model_answer, "na_prob": self.na_prob,
+                                           "confidence": self.confidence, "id": self.qid})
+        return int(valid), 0, float(confidence)
 
 
 _KINDS = {str: "a string", float: "a number", list: "a list"}
@@ -101,5 +104,6 @@ def read_items(path: str) -> List[ReviewItem]:
             raw_output=_field(row, "raw_output", str, where), na_prob=_field(row, "na_prob", float, where),
             gold_answers=None if gold is None else [str(a) for a in _field(row, "gold_answers", list, where)],
             run_dir=_field(row, "run_dir", str, where), stage=_field(row, "stage", str, where),
-            source_file=os.path.abspath(path)))
+            source_file=os.path.abspath(path),
+            confidence=_field(row, "confidence", float, where) if "confidence" in row else None))
     return items

@@ -161,7 +161,7 @@ def main(argv=None):
                     f"lora.batch_size={args.batch_size}", f"lora.epochs={args.epochs}", "lora.max_steps=null",
                     *resume])
             if arm != "control":  # did it learn the answers it was given?
-                evaluate(run_dir, os.path.join(folder, "reviewed"), f"round {rnd} {arm}: its reviewed questions", [
+                evaluate(run_dir, os.path.join(folder, "reviewed"), f"round {rnd} {arm}, its reviewed questions", [
                     "dataset.source=json", f"dataset.data_files={picked_path}", "dataset.max_context_words=null",
                     "dataset.shuffle_seed=null", "dataset.max_examples=null"])
                 rows = read_jsonl(os.path.join(folder, "reviewed", "predictions.jsonl"))

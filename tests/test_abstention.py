@@ -264,8 +264,17 @@ def test_calibrate_then_use_the_calibration(trained_run, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "cal" / "predictions.jsonl").read_text().splitlines()]
     best = max(sum(r["official_exact"] for r in apply_rule(rows, calibration["rule"], t)) for t in np.linspace(0, 1, 201))
     assert sum(r["official_exact"] for r in rows) == best
-    for name in ("risk_coverage.png", "na_prob_histogram.png"):
+    for name in ("risk_coverage.png", "na_prob_histogram.png", "review_budget.png"):
         _assert_not_blank(tmp_path / "cal" / name)
+    # every row says how sure it is; the metrics say what an expert buys, as eval.routing computes it
+    from torchtune_blah.eval.routing import auroc_wrong, review_budget
+
+    assert all(0 <= r["confidence"] <= 1 for r in rows)
+    assert metrics["summary"]["auroc_wrong"] == auroc_wrong(rows)
+    assert metrics["review_budget"] == json.loads(json.dumps(review_budget(rows)))
+    assert "| reviewed | least confident | random |" in (tmp_path / "cal" / "results.md").read_text()
+    with pytest.raises(ValueError, match="expert_accuracy=1.5"):  # before any model loads
+        BlahEvalRecipe(cfg(tmp_path / "bad", expert_accuracy=1.5))
 
     used = BlahEvalRecipe(cfg(tmp_path / "use", abstain_threshold="calibrated",
                               **{"dataset.max_examples": 8, "dataset.shuffle_seed": 5}))

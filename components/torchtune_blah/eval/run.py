@@ -13,6 +13,7 @@ best span, and the rule decides between that span and ``"?"``; in the two-turn
 style the span turn is then asked after a "yes".
 """
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -194,7 +195,7 @@ def generate_replies(
         decided = decide(answer, scores[rule], threshold)
         out.append(Reply(text=text, na_prob=scores[rule], answer=decided, first_turn=turn1,
                          confidence=answer_confidence(decided, scores[rule], value_logprob),
-                         span_answer=answer, span_prob=answer_confidence(answer, 0.0, value_logprob),
+                         span_answer=answer, span_prob=math.exp(min(value_logprob, 0.0)),
                          scores=scores, greedy_answer=greedy, greedy_known=single))
     return out
 

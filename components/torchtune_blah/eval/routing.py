@@ -88,9 +88,9 @@ def confidence_report(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         "na_prob_far_from_half": lambda r: abs(float(r["na_prob"]) - 0.5),
     }
     is_wrong = [wrong(r) for r in rows]
-    out: Dict[str, Any] = {"auroc_wrong": auroc_wrong(rows), "wrong": sum(is_wrong)}
-    out["ci95"] = (list(bootstrap_auroc_ci([1.0 - row_confidence(r) for r in rows], is_wrong))
-                   if out["auroc_wrong"] is not None else None)
+    doubt = [1.0 - row_confidence(r) for r in rows]
+    out: Dict[str, Any] = {"auroc_wrong": auroc(doubt, is_wrong), "wrong": sum(is_wrong)}
+    out["ci95"] = list(bootstrap_auroc_ci(doubt, is_wrong)) if out["auroc_wrong"] is not None else None
     out["candidates"] = {name: auroc_wrong(rows, f) for name, f in candidates.items()}
     return out
 

@@ -40,6 +40,13 @@ def test_replay_mixes_a_seeded_sample_of_what_the_run_trained_on(fake_run):
     everything = with_replay(corrections, check_replay({"from_run": run, "ratio": 10}), tokenizer=None)
     assert len(everything) == 10 + 35  # asks for 100, the run trained on 35 others: all of them
     assert with_replay(corrections, check_replay({"from_run": None, "ratio": 2}), tokenizer=None) == corrections
+    # corrections_repeat weighs the corrections up: each one k times, the replay still ratio x the distinct ones
+    weighted = with_replay(corrections, check_replay({"from_run": run, "ratio": 1.0, "corrections_repeat": 3,
+                                                      "seed": 3}), tokenizer=None)
+    assert weighted[:30] == corrections * 3 and len(weighted) == 40
+    assert not {r.id for r in weighted[30:]} & {r.id for r in corrections}
+    alone = with_replay(corrections, check_replay({"from_run": None, "corrections_repeat": 2}), tokenizer=None)
+    assert alone == corrections * 2
 
 
 def test_replay_section_mistakes_name_the_key(tmp_path):
@@ -47,7 +54,9 @@ def test_replay_section_mistakes_name_the_key(tmp_path):
                              ({"from_run": str(tmp_path), "ratio": "lots"}, r"dataset.replay.ratio"),
                              ({"from_run": str(tmp_path), "ration": 1}, r"dataset.replay.ration is not a replay key"),
                              ({"from_run": str(tmp_path)}, r"blah_config.yaml not found"),
-                             ({"from_run": str(tmp_path), "seed": 1.5}, r"dataset.replay.seed")]:
+                             ({"from_run": str(tmp_path), "seed": 1.5}, r"dataset.replay.seed"),
+                             ({"from_run": None, "corrections_repeat": 0}, r"dataset.replay.corrections_repeat=0"),
+                             ({"from_run": None, "corrections_repeat": 1.5}, r"corrections_repeat=1.5")]:
         with pytest.raises(ReplayError, match=message):
             check_replay(section)
 

@@ -10,7 +10,8 @@ continual fine-tuning is replay: mix the new labels with a sample of the earlier
       data_files: [corrections.jsonl]
       replay:
         from_run: ${init_from}   # the run being retrained: a sample of the questions it trained on
-        ratio: 1.0               # replayed questions per correction (below 1: corrections weigh more)
+        ratio: 1.0               # replayed questions per correction
+        corrections_repeat: 1    # each correction this many times per epoch: weighs the corrections up
         seed: 0
 
 ``from_run: null`` (the shipped configs' default when ``init_from`` is null) replays nothing. What a
@@ -28,7 +29,7 @@ from torchtune_blah.data.squad import SquadRecord
 
 log = logging.getLogger(__name__)
 
-REPLAY_KEYS = ("from_run", "ratio", "seed")
+REPLAY_KEYS = ("from_run", "ratio", "corrections_repeat", "seed")
 
 
 class ReplayError(ValueError):
@@ -44,15 +45,20 @@ def check_replay(replay: Optional[Mapping[str, Any]]) -> Optional[dict]:
     unknown = [k for k in replay if k not in REPLAY_KEYS]
     if unknown:
         raise ReplayError(f"dataset.replay.{unknown[0]} is not a replay key; the keys are {REPLAY_KEYS}")
-    out = {"from_run": replay.get("from_run"), "ratio": replay.get("ratio", 1.0), "seed": replay.get("seed", 0)}
+    out = {"from_run": replay.get("from_run"), "ratio": replay.get("ratio", 1.0),
+           "corrections_repeat": replay.get("corrections_repeat", 1), "seed": replay.get("seed", 0)}
     ratio = out["ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 0:
         raise ReplayError(f"dataset.replay.ratio={ratio!r}: give replayed questions per correction, a number >= 0 "
                           "(0 replays nothing)")
     if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
         raise ReplayError(f"dataset.replay.seed={out['seed']!r}: give an integer")
+    repeat = out["corrections_repeat"]
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ReplayError(f"dataset.replay.corrections_repeat={repeat!r}: give how many times each correction is "
+                          "seen per epoch, an integer >= 1 (1: once)")
     if out["from_run"] is None:
-        return None
+        return None if repeat == 1 else out
     from torchtune_blah.run_dir import RunDir
 
     run = RunDir(str(out["from_run"]))
@@ -95,10 +101,13 @@ def trained_records(run_dir: str, tokenizer: Any) -> List[SquadRecord]:
 
 def with_replay(records: Sequence[SquadRecord], replay: Optional[Mapping[str, Any]],
                 tokenizer: Any) -> List[SquadRecord]:
-    """``records``, then ``ratio`` x len(records) questions drawn (seeded) from what ``from_run``
-    trained on, never one of ``records``."""
+    """``records`` ``corrections_repeat`` times, then ``ratio`` x len(records) questions drawn
+    (seeded) from what ``from_run`` trained on, never one of ``records``."""
     out = list(records)
     if replay is None or not records:
+        return out
+    out = out * replay["corrections_repeat"]
+    if replay["from_run"] is None:
         return out
     own = {r.id for r in records}
     candidates = [r for r in trained_records(replay["from_run"], tokenizer) if r.id not in own]
@@ -108,6 +117,6 @@ def with_replay(records: Sequence[SquadRecord], replay: Optional[Mapping[str, An
                     replay["ratio"], count, replay["from_run"], len(candidates))
         count = len(candidates)
     sample = random.Random(replay["seed"]).sample(candidates, count)
-    log.info("dataset.replay: %d records + %d replayed questions that %s trained on", len(records), len(sample),
-             replay["from_run"])
+    log.info("dataset.replay: %d records (x%d) + %d replayed questions that %s trained on", len(records),
+             replay["corrections_repeat"], len(sample), replay["from_run"])
     return out + sample

@@ -137,9 +137,9 @@ class BlahEvalRecipe:
                                  "pause_embeddings.safetensors says what they are)")
 
     def setup(self) -> None:
-        os.makedirs(self._output_dir, exist_ok=True)
         settings_path = os.path.join(self._output_dir, "eval_settings.json")
         check_settings(settings_path, self._settings, "an evaluation")
+        os.makedirs(self._output_dir, exist_ok=True)
         _barrier(self._world_size)  # every rank has checked before rank 0 writes
         if self._rank == 0:
             atomic_json(self._settings, settings_path)

@@ -89,9 +89,9 @@ class BlahGenerateRecipe:
             self._settings["abstention"] = self._abstention
 
     def setup(self) -> None:
-        os.makedirs(self._output_dir, exist_ok=True)
         path = os.path.join(self._output_dir, "generate_settings.json")
         check_settings(path, self._settings, "answers made")
+        os.makedirs(self._output_dir, exist_ok=True)
         atomic_json(self._settings, path)
         abstention = (self._abstention["rule"], self._abstention["threshold"]) if self._abstention else None
         self._answerer = Answerer.load(

@@ -5,8 +5,11 @@ import json
 import os
 import random
 import socket
+import sqlite3
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from omegaconf import OmegaConf
@@ -59,13 +62,13 @@ def server(tmp_path):
     and cy and an admin, root: yields (db, url, {name: token})."""
     import uvicorn
 
-    from torchtune_blah.review.server import create_app
+    from torchtune_blah.review.server import create_app, server_config
 
     db = ReviewDB(str(tmp_path / "review.sqlite"))
     tokens = {name: db.add_reviewer(name, admin=name == "root") for name in ("ana", "bo", "cy", "root")}
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(db, guidelines="# Guidelines\nMark the shortest span."),
-                                        host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(server_config(create_app(db, guidelines="# Guidelines\nMark the shortest span."),
+                                       host="127.0.0.1", port=port))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -75,3 +78,27 @@ def server(tmp_path):
     yield db, f"http://127.0.0.1:{port}", tokens
     srv.should_exit = True
     thread.join(10)
+
+
+def http_call(method, url, body=None, token=None, headers=None, raw=None):
+    """(status, JSON answer) of one request; an error body that is not JSON comes back as {"error": text}."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    h = {"Content-Type": "application/json"} if data is not None else {}
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    h.update(headers or {})
+    request = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"error": text.decode("utf-8", "replace")}
+
+
+def leases(db):
+    with sqlite3.connect(db.path) as conn:
+        return sorted(conn.execute("SELECT item_id, reviewer FROM leases").fetchall())

@@ -12,10 +12,11 @@ import urllib.request
 import pytest
 
 from review_fixtures import eval_output, server, synthetic_generations  # noqa: F401  (fixtures)
+from review_fixtures import http_call as _http, leases as _leases
 
 from torchtune_blah.data.squad import load_squad_records
 from torchtune_blah.review.__main__ import main as review_cli
-from torchtune_blah.review.db import ReviewDB, ReviewError
+from torchtune_blah.review.db import SCHEMA_VERSION, ReviewDB, ReviewError
 from torchtune_blah.review.sources import SourceError, read_items
 
 
@@ -48,7 +49,7 @@ def test_bad_imports_write_nothing(eval_output, tmp_path, capsys):
     del row["question"]
     lines[3] = json.dumps(row)
     bad.write_text("\n".join(lines) + "\n")
-    assert review_cli(["import", "--db", db_path, good, str(bad)]) == 2
+    assert review_cli(["import", "--create", "--db", db_path, good, str(bad)]) == 2
     assert "line 4 of" in capsys.readouterr().err and "missing field 'question'" in str(
         pytest.raises(SourceError, read_items, str(bad)).value)
     assert not os.path.exists(db_path) or ReviewDB(db_path).progress()["total"] == 0
@@ -148,29 +149,6 @@ def test_decisions_undo_and_export(tmp_path):
     assert db.export(str(out), since=stamp, overwrite=True)["written"] == 1
     assert json.loads(out.read_text())["answers"] == []
     assert review_cli(["export", "--db", str(tmp_path / "review.sqlite"), "--out", str(out)]) == 2
-
-
-def _http(method, url, body=None, token=None, headers=None, raw=None):
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    h = {"Content-Type": "application/json"} if data is not None else {}
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    h.update(headers or {})
-    request = urllib.request.Request(url, data=data, method=method, headers=h)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        text = e.read()
-        try:
-            return e.code, json.loads(text)
-        except ValueError:
-            return e.code, {"error": text.decode("utf-8", "replace")}
-
-
-def _leases(db):
-    with sqlite3.connect(db.path) as conn:
-        return sorted(conn.execute("SELECT item_id, reviewer FROM leases").fetchall())
 
 
 def test_http_errors_are_4xx_and_write_nothing(server, tmp_path):
@@ -367,7 +345,7 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
         items = conn.execute("SELECT id, source_key, qid, context, model_answer FROM items ORDER BY id").fetchall()
     db = ReviewDB(str(path))
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert conn.execute("SELECT id, source_key, qid, context, model_answer FROM items ORDER BY id").fetchall() \
             == items
         after = conn.execute("SELECT id, item_id, reviewer, decided_at, action, answer, answer_start, note, undoes "

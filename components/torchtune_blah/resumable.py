@@ -37,13 +37,26 @@ def read_jsonl_objects(path: str, error: Type[Exception] = ValueError,
             yield n, row
 
 
+def read_json(path: str, what: str) -> Any:
+    """A JSON file that this project wrote; one that is damaged is refused naming it and what it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
+        raise ValueError(f"{path} ({what}) is not valid JSON: {e}; restore it, or delete it and make it "
+                         "again") from None
+
+
 def check_settings(path: str, settings: Dict[str, Any], what: str) -> None:
     """An output folder holds one set of settings (``path``: its settings file); a rerun that
-    would resume with other settings is refused, naming the keys that differ."""
+    would resume with other settings is refused, naming the keys that differ. An output_dir that
+    is a file, or a settings file that is not JSON, is refused naming it."""
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"output_dir {folder} is a file, not a folder: choose a folder for the outputs")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        previous = json.load(f)
+    previous = read_json(path, f"the settings of the {what} in {folder}")
     if previous != settings:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         raise ValueError(f"{os.path.dirname(path)} holds {what} with other settings ({changed}); choose another "

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from torchtune_blah.data.squad import NO_ANSWER
 from torchtune_blah.eval.metrics import score_example
 from torchtune_blah.eval.stats import auroc
+from torchtune_blah.resumable import read_json
 from torchtune_blah.run_dir import RunDir
 
 SCORE_RULES = ("p_abstain", "abstain_vs_span", "p_no")
@@ -165,10 +166,9 @@ def load_calibration(path: str, fingerprint: Mapping[str, str], prompt_style: st
     if not os.path.isfile(path):
         raise ValueError(f"abstain_threshold=calibrated: {path} not found; make it with blah_eval calibrate=true "
                          "on validation questions (dataset.source=bundled_pool dataset.split=validation)")
-    with open(path) as f:
-        calibration = json.load(f)
+    calibration = read_json(path, "the abstention calibration")
     for key in ("rule", "threshold", "fingerprint", "prompt_style"):
-        if key not in calibration:
+        if not isinstance(calibration, dict) or key not in calibration:
             raise ValueError(f"{path} is not a calibration file (no {key!r})")
     theirs = calibration["fingerprint"]
     for key, what in (("stage", "stage"), ("weights_sha256", "weights"), ("tokenizer_sha256", "tokenizer")):

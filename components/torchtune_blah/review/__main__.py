@@ -1,8 +1,12 @@
-"""python -m torchtune_blah.review {import,add-reviewer,reviewers,serve,stats,export}: the review tool's command line."""
+"""python -m torchtune_blah.review {import,add-reviewer,rotate-token,revoke-reviewer,reviewers,serve,stats,export}:
+the review tool's command line. Only ``import --create`` makes a new database file; every other
+command refuses a --db that does not exist (a mistyped path never becomes an empty database)."""
 
 import argparse
 import json
+import os
 import sys
+from datetime import datetime, timezone
 from typing import Optional, Sequence
 
 from torchtune_blah.review.db import ReviewDB, ReviewError
@@ -14,12 +18,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description="Experts review the model's least certain answers.")
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="add blah_eval / blah_generate outputs to the review database")
-    imp.add_argument("--db", required=True, help="the SQLite file (created if missing)")
+    imp.add_argument("--db", required=True, help="the SQLite file")
+    imp.add_argument("--create", action="store_true", help="make --db if it does not exist (else that is an error)")
     imp.add_argument("files", nargs="+", help="predictions.jsonl, review_queue.jsonl or generations.jsonl")
     add = sub.add_parser("add-reviewer", help="create a reviewer and print their token (shown once)")
     add.add_argument("--db", required=True)
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="may resolve disagreements and release leases")
+    add.add_argument("--expires-days", type=float, default=None, help="the token stops working after this many days")
+    rot = sub.add_parser("rotate-token", help="a new token for a reviewer (the old one stops working at once)")
+    rot.add_argument("--db", required=True)
+    rot.add_argument("name")
+    rot.add_argument("--expires-days", type=float, default=None, help="the new token stops working after this many days")
+    rev = sub.add_parser("revoke-reviewer", help="a reviewer's token stops working at once (their decisions stay)")
+    rev.add_argument("--db", required=True)
+    rev.add_argument("name")
     who = sub.add_parser("reviewers", help="list the reviewers")
     who.add_argument("--db", required=True)
     srv = sub.add_parser("serve", help="the review web app")
@@ -45,15 +58,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "import":
             # Every file is read and checked before the database is touched; then one transaction.
             items = [item for path in args.files for item in read_items(path)]
-            added = ReviewDB(args.db).import_items(items)
-            print(f"{args.db}: {added} new items ({len(items) - added} already there)")
-        elif args.command == "add-reviewer":
-            token = ReviewDB(args.db).add_reviewer(args.name, admin=args.admin)
-            print(f"{args.name}{' (admin)' if args.admin else ''}: {token}\n(give this token to {args.name}; "
-                  "it is not stored and cannot be shown again)")
+            new = not os.path.exists(args.db)
+            added = ReviewDB(args.db, create=args.create).import_items(items)
+            print(f"{args.db}: {'created; ' if new else ''}{added} new items ({len(items) - added} already there)")
+        elif args.command in ("add-reviewer", "rotate-token"):
+            db = ReviewDB(args.db, create=False)
+            if args.command == "add-reviewer":
+                token = db.add_reviewer(args.name, admin=args.admin, expires_days=args.expires_days)
+            else:
+                token = db.rotate_token(args.name, expires_days=args.expires_days)
+            print(f"{args.name}{' (admin)' if getattr(args, 'admin', False) else ''}: {token}\n(give this token to "
+                  f"{args.name}; it is not stored and cannot be shown again"
+                  + (f"; it expires in {args.expires_days:g} days" if args.expires_days else "") + ")")
+        elif args.command == "revoke-reviewer":
+            ReviewDB(args.db, create=False).revoke_reviewer(args.name)
+            print(f"{args.name}: token revoked (their decisions stay; `rotate-token {args.name}` gives a new one)")
         elif args.command == "reviewers":
             for r in ReviewDB(args.db, create=False).reviewers():
-                print(f"{r['name']}{' (admin)' if r['admin'] else ''}  since {r['created_at']}")
+                state = (f"  revoked {r['revoked_at']}" if r["revoked_at"] else
+                         f"  token expires {datetime.fromtimestamp(r['expires_at'], timezone.utc).isoformat(timespec='seconds')}"
+                         if r["expires_at"] else "")
+                print(f"{r['name']}{' (admin)' if r['admin'] else ''}  since {r['created_at']}{state}")
         elif args.command == "serve":
             from torchtune_blah.review.server import serve
 

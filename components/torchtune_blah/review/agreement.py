@@ -15,6 +15,7 @@ pair of reviewers (over the items both decided) and Fleiss' kappa over the items
 
 import statistics
 from collections import Counter
+from datetime import datetime
 from itertools import combinations
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -137,11 +138,12 @@ def disagreements(db) -> List[Dict[str, Any]]:
     return out
 
 
-def corrections(db, since: Optional[str] = None) -> Tuple[List[Dict[str, Any]], List[str], int]:
+def corrections(db, since: Optional[datetime] = None) -> Tuple[List[Dict[str, Any]], List[str], int]:
     """Training records (``id, title, context, question, answers`` with ``answer_start``, and who
     decided), one per question with a final answer; across several items of one question the
     latest final answer wins. Also the qids of items in disagreement and how many are pending.
-    ``since``: only answers made final after this ISO time."""
+    ``since``: only answers made final after this time (an aware datetime; our stamps are UTC ISO)."""
+
     state = review_state(db)
     latest: Dict[str, Tuple[str, Dict[str, Any], Dict[str, Any], str]] = {}
     unresolved, pending = [], 0
@@ -157,7 +159,7 @@ def corrections(db, since: Optional[str] = None) -> Tuple[List[Dict[str, Any]], 
             latest[item["qid"]] = (stamp, item, final, status)
     records = []
     for stamp, item, final, status in sorted(latest.values(), key=lambda x: x[0]):
-        if since is not None and stamp <= since:
+        if since is not None and datetime.fromisoformat(stamp) <= since:
             continue
         answers = [] if final["answer"] == NO_ANSWER else [{"text": final["answer"],
                                                            "answer_start": final["answer_start"]}]

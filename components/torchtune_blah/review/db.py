@@ -6,7 +6,9 @@ Tables:
   abstention probability, the run/stage/file it came from) and its queue priority. Importing the
   same output twice adds nothing (``source_key``).
 - ``reviewers``: who may review, created by whoever runs the server (``add_reviewer``); only a
-  SHA-256 of each token is stored. Admins may also resolve disagreements and release leases.
+  SHA-256 of each token is stored. A token may expire (``expires_at``), be replaced
+  (``rotate_token``) or be revoked (``revoke_reviewer``): the next request with it gets 401.
+  Admins may also resolve disagreements and release leases.
 - ``leases``: which reviewer holds which item, until when (at most one item per reviewer; with
   ``overlap`` N an item is leased to at most N reviewers at once, never twice to one).
 - ``decisions``: the audit trail, append-only. Every accept / no-answer / span / skip is a row
@@ -18,13 +20,16 @@ Tables:
 
 Every write is one ``BEGIN IMMEDIATE`` transaction, so concurrent reviewers (threads of the web
 app, or several processes) never interleave. A database of schema version 1 (self-asserted
-reviewer names, one lease per item) is migrated in place; nothing in it is lost.
+reviewer names, one lease per item) or 2 (tokens that never expire) is migrated in place; nothing in
+it is lost. Another process holding the write lock longer than ``busy_seconds`` is a ``ReviewError``
+with status 503 ("busy, try again"), never a hang.
 
 (Over 350 lines: one owner for every write to the file, so every rule above is checked in one place.)
 """
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -38,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from torchtune_blah.checkpointing import atomic_text
 from torchtune_blah.review.sources import ReviewItem
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ACTIONS = ("accept", "no_answer", "span", "skip")
 REVIEWED = ("accept", "no_answer", "span")
 NO_ANSWER = "?"
@@ -115,6 +120,12 @@ CREATE VIEW IF NOT EXISTS votes AS
     WHERE l.id = (SELECT MAX(l2.id) FROM live_decisions l2 WHERE l2.item_id = l.item_id AND l2.reviewer = l.reviewer);
 """
 
+# Version 3: tokens that expire or are revoked.
+_V3 = """
+ALTER TABLE reviewers ADD COLUMN expires_at REAL;
+ALTER TABLE reviewers ADD COLUMN revoked_at TEXT;
+"""
+
 # Version 1 kept one lease in three columns of items: the live ones move to leases, then the
 # columns go (SQLite >= 3.35).
 _V1_TO_V2 = """
@@ -161,17 +172,36 @@ class ReviewDB:
     """One review database file. Safe to use from many threads and processes: every call opens
     its own connection."""
 
-    def __init__(self, path: str, lease_seconds: float = 600.0, create: bool = True):
+    def __init__(self, path: str, lease_seconds: float = 600.0, create: bool = True, busy_seconds: float = 30.0):
+        """``create=False``: a missing file is an error (the command line passes it unless told
+        ``--create``: a mistyped path never becomes a new, empty database)."""
         self.path = path
         self.lease_seconds = float(lease_seconds)
+        if not math.isfinite(self.lease_seconds) or self.lease_seconds <= 0:
+            raise ReviewError(f"lease_seconds={lease_seconds!r}: give a positive number of seconds")
+        self.busy_seconds = float(busy_seconds)
+        if os.path.isdir(path):
+            raise ReviewError(f"{path} is a folder; --db names the review database file (e.g. review.sqlite)")
         if not create and not os.path.isfile(path):
-            raise ReviewError(f"{path} does not exist; import a file first (python -m torchtune_blah.review import)")
+            raise ReviewError(f"{path} does not exist; create it by importing model outputs: python -m "
+                              f"torchtune_blah.review import --create --db {path} predictions.jsonl")
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:  # (e.g. "file is not a database")
+            raise ReviewError(f"{path} is not a review database ({e}); check --db") from None
+
+    def _open(self) -> None:
+        path = self.path
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise ReviewError(f"{path} has schema version {version}, newer than this torchtune-blah's "
                                   f"{SCHEMA_VERSION}: upgrade torchtune-blah to open it (nothing was changed)")
-            script = {0: _TABLES + _V2, 1: _V2 + _V1_TO_V2.format(lease=self.lease_seconds)}.get(version, "")
+            if version == 0 and conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                raise ReviewError(f"{path} is an SQLite file of something else (its tables are not a review "
+                                  "database's); check --db")
+            script = {0: _TABLES + _V2 + _V3, 1: _V2 + _V1_TO_V2.format(lease=self.lease_seconds) + _V3,
+                      2: _V3}.get(version, "")
             for statement in script.split(";\n"):  # (executescript would commit the transaction half-way)
                 if statement.strip():
                     conn.execute(statement)
@@ -182,12 +212,17 @@ class ReviewDB:
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn = sqlite3.connect(self.path, timeout=self.busy_seconds, isolation_level=None)
         try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_seconds * 1000)}")
+            conn.execute("PRAGMA foreign_keys=ON")
             yield conn
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise ReviewError(f"the review database is busy (another process holds its write lock for over "
+                                  f"{self.busy_seconds:g} s); try again in a moment", 503) from None
+            raise
         finally:
             conn.close()
 
@@ -205,29 +240,53 @@ class ReviewDB:
 
     # ------------------------------------------------------------------ reviewers and settings
 
-    def add_reviewer(self, name: str, admin: bool = False) -> str:
-        """Create a reviewer; returns their token (shown once: only its hash is kept)."""
+    def add_reviewer(self, name: str, admin: bool = False, expires_days: Optional[float] = None) -> str:
+        """Create a reviewer; returns their token (shown once: only its hash is kept), valid for
+        ``expires_days`` (None: until rotated or revoked)."""
         name = _name(name)
         token = secrets.token_urlsafe(24)
+        expires = _expiry(expires_days)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM reviewers WHERE name = ?", (name,)).fetchone():
-                raise ReviewError(f"reviewer {name!r} exists; choose another name")
-            conn.execute("INSERT INTO reviewers (name, token_sha256, admin, created_at) VALUES (?, ?, ?, ?)",
-                         (name, token_hash(token), int(admin), now_iso()))
+                raise ReviewError(f"reviewer {name!r} exists; choose another name (or rotate-token {name})")
+            conn.execute("INSERT INTO reviewers (name, token_sha256, admin, created_at, expires_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (name, token_hash(token), int(admin), now_iso(), expires))
         return token
+
+    def rotate_token(self, name: str, expires_days: Optional[float] = None) -> str:
+        """A new token for ``name`` (also un-revokes them); the old one stops working at once."""
+        name = _name(name)
+        token = secrets.token_urlsafe(24)
+        expires = _expiry(expires_days)
+        with self._write() as conn:
+            updated = conn.execute("UPDATE reviewers SET token_sha256 = ?, expires_at = ?, revoked_at = NULL "
+                                   "WHERE name = ?", (token_hash(token), expires, name)).rowcount
+            if not updated:
+                raise ReviewError(f"no reviewer {name!r} (see `review reviewers`)")
+        return token
+
+    def revoke_reviewer(self, name: str) -> None:
+        """``name``'s token stops working at once and their leases are given back; their decisions stay."""
+        name = _name(name)
+        with self._write() as conn:
+            if not conn.execute("UPDATE reviewers SET revoked_at = ? WHERE name = ?", (now_iso(), name)).rowcount:
+                raise ReviewError(f"no reviewer {name!r} (see `review reviewers`)")
+            conn.execute("DELETE FROM leases WHERE reviewer = ?", (name,))
 
     def reviewers(self) -> List[Dict[str, Any]]:
         with self._connection() as conn:
-            return [{"name": r["name"], "admin": bool(r["admin"]), "created_at": r["created_at"]}
+            return [{"name": r["name"], "admin": bool(r["admin"]), "created_at": r["created_at"],
+                     "expires_at": r["expires_at"], "revoked_at": r["revoked_at"]}
                     for r in conn.execute("SELECT * FROM reviewers ORDER BY id")]
 
     def authenticate(self, token: Any) -> Optional[Reviewer]:
-        """The reviewer a token belongs to, or None."""
+        """The reviewer a token belongs to, or None (unknown, revoked or expired)."""
         if not isinstance(token, str) or not token or len(token) > 200:
             return None
         with self._connection() as conn:
-            row = conn.execute("SELECT name, admin FROM reviewers WHERE token_sha256 = ?",
-                               (token_hash(token),)).fetchone()
+            row = conn.execute("SELECT name, admin FROM reviewers WHERE token_sha256 = ? AND revoked_at IS NULL "
+                               "AND (expires_at IS NULL OR expires_at > ?)", (token_hash(token), time.time())
+                               ).fetchone()
         return None if row is None else Reviewer(row["name"], bool(row["admin"]))
 
     @property
@@ -346,8 +405,19 @@ class ReviewDB:
             row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
                 raise ReviewError(f"unknown item {item_id}", 404)
-            if not conn.execute("SELECT 1 FROM votes WHERE item_id = ? AND reviewer = ?", (item_id, reviewer)).fetchone():
+            mine = conn.execute("SELECT action FROM votes WHERE item_id = ? AND reviewer = ?",
+                                (item_id, reviewer)).fetchone()
+            if mine is None:
                 raise ReviewError("you have not decided this item: revise only your own decisions", 403)
+            if mine["action"] == "skip" and action != "skip":
+                # A skip is no vote: turning it into one takes a place, as next_item would give it.
+                others = conn.execute(
+                    "SELECT (SELECT COUNT(*) FROM votes WHERE item_id = ? AND reviewer != ? AND action != 'skip') + "
+                    "(SELECT COUNT(*) FROM leases WHERE item_id = ? AND reviewer != ? AND expires > ?)",
+                    (item_id, reviewer, item_id, reviewer, time.time())).fetchone()[0]
+                if others >= _overlap(conn):
+                    raise ReviewError(f"you skipped this item and {others} other reviewer(s) have taken it since "
+                                      f"(overlap {_overlap(conn)}): it needs no more votes", 409)
             answer, answer_start = _checked_answer(row, action, answer, answer_start)
             return conn.execute(
                 "INSERT INTO decisions (item_id, reviewer, decided_at, action, answer, answer_start, note) "
@@ -466,15 +536,40 @@ class ReviewDB:
         from torchtune_blah.review.agreement import corrections
 
         if since is not None:
-            try:
-                datetime.fromisoformat(since)
-            except ValueError:
-                raise ReviewError(f"--since {since!r} is not an ISO time (e.g. 2026-11-28T12:00:00+00:00)") from None
+            since = parse_time(since, "--since")
+        if _same_file(out, self.path):
+            raise ReviewError(f"--out {out} is the review database (or one of its journal files): choose another "
+                              "file (nothing was written)")
+        if os.path.isdir(out):
+            raise ReviewError(f"--out {out} is a folder; name a .jsonl file")
         if os.path.exists(out) and not overwrite:
             raise ReviewError(f"{out} exists; pass --overwrite to replace it")
         records, unresolved, pending = corrections(self, since)
         atomic_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), out)
         return {"written": len(records), "unresolved": unresolved, "pending": pending}
+
+
+def parse_time(text: str, what: str = "time") -> datetime:
+    """An ISO time as an aware datetime (no zone given: UTC), so that times written in any zone compare."""
+    try:
+        stamp = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ReviewError(f"{what} {text!r} is not an ISO time (e.g. 2026-11-28T12:00:00+01:00; no zone: UTC)") from None
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)
+
+
+def _expiry(days: Optional[float]) -> Optional[float]:
+    if days is None:
+        return None
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or not math.isfinite(days) or days <= 0:
+        raise ReviewError(f"--expires-days {days!r}: give a positive number of days")
+    return time.time() + float(days) * 86400
+
+
+def _same_file(a: str, b: str) -> bool:
+    """``a`` is ``b`` or one of SQLite's files beside it (``-wal``, ``-shm``, ``-journal``)."""
+    real = os.path.realpath(a)
+    return any(real == os.path.realpath(b + suffix) for suffix in ("", "-wal", "-shm", "-journal"))
 
 
 def _overlap(conn: sqlite3.Connection) -> int:

@@ -34,9 +34,15 @@ Routes (JSON; errors are ``{"error": message}``):
     POST /api/release               admin: {holder?}: give back every lease (or one reviewer's)
 """
 
+import asyncio
+import json
+import logging
+import math
 import os
+import re
+import socket
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -44,6 +50,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from torchtune_blah.review.agreement import disagreements, stats
@@ -51,6 +58,10 @@ from torchtune_blah.review.db import MAX_ID, Reviewer, ReviewDB, ReviewError
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MAX_BODY = 64 * 1024
+POST_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+_DIGITS = re.compile(r"[0-9]{1,19}")  # (ASCII digits only: str.isdigit() takes "²", which int() refuses)
+BUSY_SECONDS = 2.0  # how long a request waits for another process's write lock before a 503
+logger = logging.getLogger(__name__)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
                                "base-uri 'none'; form-action 'none'",
@@ -62,13 +73,16 @@ SECURITY_HEADERS = {
 
 
 def _error(e: ReviewError) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=e.status)
+    headers = {"Retry-After": "2"} if e.status == 503 else None
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
 class Guard:
-    """ASGI middleware: security headers on every response; POSTs refused unless same-origin JSON
-    of a bounded size (checked from the headers, before the body is read; the server reads no
-    more than Content-Length says)."""
+    """ASGI middleware, outermost: security headers on every response (refusals and 500s
+    included); POSTs refused unless same-origin JSON of a bounded size. The body is read here, byte
+    by byte counted, and refused at the cap whatever the headers say, before any authentication
+    or database work; a ``Transfer-Encoding`` (chunked) body is refused outright. An exception
+    that escapes a route is a JSON 500 with the same headers (never a traceback)."""
 
     def __init__(self, app):
         self.app = app
@@ -76,9 +90,12 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 message["headers"] = list(message.get("headers", [])) + [
                     (k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()
@@ -86,15 +103,29 @@ class Guard:
             await send(message)
 
         refusal = self._refusal(scope)
+        if refusal is None and scope["method"] in POST_METHODS:
+            body, refusal = await self._read_body(receive, int(self._headers(scope)["content-length"]))
+            if refusal is None:
+                receive = _replay(body)
         if refusal is not None:
             return await refusal(scope, receive, send_with_headers)
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:  # (a bug: logged with its traceback, answered without one)
+            logger.exception("review server: %s %s failed", scope["method"], scope.get("path"))
+            if not started:
+                await JSONResponse({"error": "internal error (logged by the server)"}, 500)(
+                    scope, receive, send_with_headers)
 
     @staticmethod
-    def _refusal(scope) -> Optional[Response]:
-        if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+    def _headers(scope) -> Dict[str, str]:
+        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+    @classmethod
+    def _refusal(cls, scope) -> Optional[Response]:
+        if scope["method"] not in POST_METHODS:
             return None
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = cls._headers(scope)
         host = headers.get("host", "")
         origin = headers.get("origin")
         if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
@@ -103,19 +134,52 @@ class Guard:
             return JSONResponse({"error": "cross-site request refused"}, 403)
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return JSONResponse({"error": "the request body must be JSON (Content-Type: application/json)"}, 415)
+        if "transfer-encoding" in headers:
+            return JSONResponse({"error": "Transfer-Encoding is not accepted: send the body with a Content-Length"},
+                                411)
         length = headers.get("content-length")
-        if length is None or not length.isdigit():
+        if length is None or not _DIGITS.fullmatch(length):
             return JSONResponse({"error": "a Content-Length is required"}, 411)
         if int(length) > MAX_BODY:
             return JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, 413)
         return None
 
+    @staticmethod
+    async def _read_body(receive, length: int):
+        """``(body, None)``, or ``(None, refusal)`` once more than ``length`` (<= MAX_BODY) bytes
+        arrived: nothing past the cap is kept."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, JSONResponse({"error": "the client went away"}, 400)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > length:
+                return None, JSONResponse({"error": f"the body is longer than its Content-Length ({length})"}, 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
 
-async def _body(request: Request) -> Dict[str, Any]:
+
+def _replay(body: bytes):
+    """An ASGI ``receive`` that gives the body read by ``Guard``, then waits for the disconnect."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # (nothing more will come; Starlette only asks to detect a disconnect)
+    return receive
+
+
+def _body(raw: bytes) -> Dict[str, Any]:
     try:
-        body = await request.json()
-    except ValueError:
-        raise ReviewError("the request body must be a JSON object") from None
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # (RecursionError: JSON nested deeper than Python's parser goes)
+        raise ReviewError("the request body must be a JSON object (at most a few hundred levels deep)") from None
     if not isinstance(body, dict):
         raise ReviewError("the request body must be a JSON object")
     return body
@@ -123,32 +187,40 @@ async def _body(request: Request) -> Dict[str, Any]:
 
 def _query_int(request: Request, name: str) -> int:
     value = request.query_params.get(name, "")
-    if not value.isdigit() or not 1 <= int(value) <= MAX_ID:
+    if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= MAX_ID:
         raise ReviewError(f"{name} must be an integer from 1 to {MAX_ID}")
     return int(value)
 
 
 def create_app(db: ReviewDB, guidelines: str = "", allowed_hosts: Sequence[str] = ("127.0.0.1", "localhost"),
                ) -> Starlette:
-    def who(request: Request, body: Optional[Dict[str, Any]] = None, admin: bool = False) -> Reviewer:
+    def who(request: Request, admin: bool = False) -> Reviewer:
         header = request.headers.get("authorization", "")
         token = header[len("Bearer "):] if header.startswith("Bearer ") else None
         reviewer = db.authenticate(token)
         if reviewer is None:
-            raise ReviewError("a reviewer token is required (Authorization: Bearer <token>, from "
-                              "`review add-reviewer`)", 401)
-        claimed = [x for x in (request.query_params.get("reviewer"), (body or {}).get("reviewer")) if x is not None]
-        if any(c != reviewer.name for c in claimed):
-            raise ReviewError("you cannot act as another reviewer", 403)
+            raise ReviewError("a valid reviewer token is required (Authorization: Bearer <token>, from "
+                              "`review add-reviewer`; it may have been revoked or have expired)", 401)
         if admin and not reviewer.admin:
             raise ReviewError("this needs an admin token", 403)
         return reviewer
 
     def route(handler, admin: bool = False, post: bool = False):
+        """A JSON endpoint: the token is checked first, then the body is parsed; the work (SQLite)
+        runs in Starlette's thread pool, so one slow request never holds the event loop."""
+        def work(request: Request, raw: Optional[bytes]):
+            reviewer = who(request, admin)
+            body = _body(raw) if post else None
+            claimed = [x for x in (request.query_params.get("reviewer"), (body or {}).get("reviewer"))
+                       if x is not None]
+            if any(c != reviewer.name for c in claimed):
+                raise ReviewError("you cannot act as another reviewer", 403)
+            return handler(request, reviewer, body)
+
         async def endpoint(request: Request):
+            raw = await request.body() if post else None
             try:
-                body = await _body(request) if post else None
-                return JSONResponse(handler(request, who(request, body, admin), body))
+                return JSONResponse(await run_in_threadpool(work, request, raw))
             except ReviewError as e:
                 return _error(e)
         return endpoint
@@ -197,28 +269,69 @@ def create_app(db: ReviewDB, guidelines: str = "", allowed_hosts: Sequence[str] 
         Route("/api/resolve", route(resolve, admin=True, post=True), methods=["POST"]),
         Route("/api/release", route(release, admin=True, post=True), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-    ], middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)), Middleware(Guard)])
+    ], middleware=[Middleware(Guard), Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))])
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def default_allowed_hosts(host: str) -> List[str]:
+    """The Host headers a server bound to ``host`` answers to by default: loopback names for a
+    loopback bind; for a wildcard bind (0.0.0.0, ::) this machine's names and addresses too; else
+    ``host`` itself. Anything else (a DNS name in front of a proxy) goes in ``--allowed-host``."""
+    if host in LOOPBACK_HOSTS:
+        return ["127.0.0.1", "localhost", "[::1]"]
+    if host not in WILDCARD_HOSTS:
+        return [f"[{host}]" if ":" in host else host]
+    names = {"127.0.0.1", "localhost", "[::1]", socket.gethostname(), socket.getfqdn()}
+    try:
+        for *_, address in socket.getaddrinfo(socket.gethostname(), None):
+            names.add(f"[{address[0]}]" if ":" in address[0] else address[0])
+    except OSError:  # (a machine whose own name does not resolve: its names above still count)
+        pass
+    return sorted(n for n in names if n)
+
+
+def check_lease_seconds(value: Any) -> float:
+    seconds = float(value)
+    if not math.isfinite(seconds) or not 1 <= seconds <= 7 * 24 * 3600:
+        raise ReviewError(f"--lease-seconds {value}: give seconds from 1 to 604800 (a week)")
+    return seconds
 
 
 def serve(db_path: str, host: str = "127.0.0.1", port: int = 8000, lease_seconds: float = 600.0,
           overlap: Optional[int] = None, guidelines_path: Optional[str] = None,
           allowed_hosts: Sequence[str] = ()) -> None:
+    """Check everything (the database, the guidelines file, the lease) before the server starts."""
     import uvicorn
 
-    db = ReviewDB(db_path, lease_seconds=lease_seconds, create=False)
-    if overlap is not None:
-        db.set_overlap(overlap)
+    lease_seconds = check_lease_seconds(lease_seconds)
     guidelines = ""
     if guidelines_path:
-        with open(guidelines_path, encoding="utf-8") as f:
-            guidelines = f.read()
+        try:
+            with open(guidelines_path, encoding="utf-8") as f:
+                guidelines = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ReviewError(f"--guidelines {guidelines_path}: cannot read it as UTF-8 text "
+                              f"({getattr(e, 'strerror', None) or e})") from None
+    db = ReviewDB(db_path, lease_seconds=lease_seconds, create=False, busy_seconds=BUSY_SECONDS)
+    if overlap is not None:
+        db.set_overlap(overlap)
     if not db.reviewers():
         print(f"warning: {db_path} has no reviewers yet; add them with `python -m torchtune_blah.review "
               f"add-reviewer --db {db_path} NAME` (each gets a token)", file=sys.stderr)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         print(f"warning: serving on {host}, reachable from other machines; tokens travel in clear text over "
               "plain HTTP: put it behind HTTPS (a reverse proxy) or keep it on 127.0.0.1", file=sys.stderr)
-    hosts = list(allowed_hosts) or (["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost", "::1")
-                                    else [host])
-    print(f"Reviewing {db_path}: open http://{host}:{port}/ ({db.progress()['total']} items, overlap {db.overlap})")
-    uvicorn.run(create_app(db, guidelines, hosts), host=host, port=port, log_level="warning")
+    hosts = list(allowed_hosts) or default_allowed_hosts(host)
+    print(f"Reviewing {db_path}: open http://{host}:{port}/ ({db.progress()['total']} items, overlap {db.overlap}); "
+          f"answering to Host {', '.join(hosts)}")
+    uvicorn.Server(server_config(create_app(db, guidelines, hosts), host, port)).run()
+
+
+def server_config(app, host: str, port: int):
+    """How uvicorn serves the app: quiet, and no ``server:`` banner naming the software."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False)

@@ -13,7 +13,7 @@ from typing import Any, List, Mapping, Optional
 
 from torchtune_blah.eval.routing import review_key
 from torchtune_blah.prediction import REQUIRED, upgrade_row
-from torchtune_blah.resumable import read_jsonl_objects
+from torchtune_blah.resumable import read_json, read_jsonl_objects
 
 
 class SourceError(ValueError):
@@ -68,6 +68,8 @@ def _field(row: Mapping[str, Any], name: str, kind, where: str, nullable: bool =
         expected = "a non-empty string" if name in ("id", "context", "question") else _KINDS[kind]
         raise SourceError(f"{where}: field {name!r} must be {expected}{' or null' if nullable else ''}, "
                           f"got {value!r:.80}")
+    if kind is float and not 0.0 <= value <= 1.0:  # (NaN fails this too; SQLite would store it as NULL)
+        raise SourceError(f"{where}: field {name!r} must be a probability from 0 to 1, got {value!r}")
     return value
 
 
@@ -75,15 +77,23 @@ def read_items(path: str) -> List[ReviewItem]:
     """Every reviewable item of ``path``; raises ``SourceError`` naming line and field."""
     if not os.path.isfile(path):
         raise SourceError(f"{path} does not exist")
-    rows = list(read_jsonl_objects(path, SourceError))
+    try:
+        rows = list(read_jsonl_objects(path, SourceError))
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path} is not UTF-8 text (byte {e.start}): import blah_eval's predictions.jsonl or "
+                          "review_queue.jsonl, or blah_generate's generations.jsonl") from None
     if not rows:
         raise SourceError(f"{path} holds no rows")
     # Rows of an earlier review_queue.jsonl name no run: the evaluation's settings beside it do.
     settings_path = os.path.join(os.path.dirname(os.path.abspath(path)), "eval_settings.json")
     settings = None
     if os.path.isfile(settings_path):
-        with open(settings_path, encoding="utf-8") as f:
-            settings = json.load(f)
+        try:
+            settings = read_json(settings_path, f"the settings of the evaluation beside {os.path.basename(path)}")
+        except ValueError as e:
+            raise SourceError(str(e)) from None
+        if not isinstance(settings, dict):
+            raise SourceError(f"{settings_path} must hold a JSON object")
     items = []
     for n, raw in rows:
         where = f"line {n} of {path}"

@@ -32,14 +32,19 @@ async function call(method, url, body) {
   return data;
 }
 
+// Offsets between the page and the server count Unicode code points (as Python's str does), not
+// JavaScript's UTF-16 units: an emoji before the answer would otherwise shift it by one.
+const codePoints = (text) => Array.from(text);
+
 function renderContext(context, highlight) {
   const box = $("context");
   box.textContent = "";
   if (!highlight) { box.append(document.createTextNode(context)); return; }
+  const chars = codePoints(context);
   const mark = document.createElement("mark");
-  mark.textContent = context.slice(highlight[0], highlight[1]);
-  box.append(document.createTextNode(context.slice(0, highlight[0])), mark,
-             document.createTextNode(context.slice(highlight[1])));
+  mark.textContent = chars.slice(highlight[0], highlight[1]).join("");
+  box.append(document.createTextNode(chars.slice(0, highlight[0]).join("")), mark,
+             document.createTextNode(chars.slice(highlight[1]).join("")));
 }
 
 function showState(state) {
@@ -90,7 +95,8 @@ function selectedSpan() {
   before.setEnd(range.startContainer, range.startOffset);
   const raw = range.toString(), text = raw.trim();
   if (!text) return null;
-  return {answer: text, answer_start: before.toString().length + (raw.length - raw.trimStart().length)};
+  const leading = raw.slice(0, raw.length - raw.trimStart().length);
+  return {answer: text, answer_start: codePoints(before.toString()).length + codePoints(leading).length};
 }
 
 // Set from a selection in the context; a click elsewhere (a button) keeps the last one.

@@ -5,15 +5,14 @@ name, flushed, fsynced, then renamed over it. A run killed at any moment leaves
 either the previous file or the new one, never half of one, so a resumed run
 never mistakes a torn file for a checkpoint.
 
-The files' names and the run's layout are ``torchtune_blah.run_dir``'s.
+The files' names and the run's layout are ``torchtune_blah.run_dir``'s. (torch is imported by the
+functions that need it: the review tool writes its files atomically without torch's 2 s import.)
 """
 
 import json
 import os
 import tempfile
 from typing import Any, Callable, Dict, Optional
-
-import torch
 
 from torchtune_blah.run_dir import PHASE_COMPLETE_FILE, TRAINING_STATE_FILE
 
@@ -37,6 +36,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str) -> str:
+    import torch
+
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -49,6 +50,8 @@ def atomic_json(obj: Any, path: str) -> str:
 
 
 def rng_state() -> Dict[str, Any]:
+    import torch
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -56,6 +59,8 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -69,6 +74,8 @@ def load_training_state(phase_dir: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(phase_dir, TRAINING_STATE_FILE)
     if not os.path.isfile(path):
         return None
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

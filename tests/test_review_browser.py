@@ -248,3 +248,39 @@ def test_two_reviewers_on_each_item_and_an_admin_who_resolves(server, browser, t
 
             os.makedirs(target, exist_ok=True)
             Image.open(shot).convert("RGB").quantize(colors=64).save(os.path.join(target, shot.name), optimize=True)
+
+
+def test_offsets_after_an_emoji_are_code_points_on_the_page(server, browser, tmp_path):  # noqa: F811
+    """JavaScript counts UTF-16 units, Python code points: the page converts both ways, so the
+    highlight and a span selected after an emoji, a combining accent and CJK land where they are."""
+    db, url, tokens = server
+    context = "🙂 Les cafés de 東京: the Café Noir (e\u0301 with a combining accent) opened in 1923 😀 and closed in 1971."
+    source = tmp_path / "utf.jsonl"
+    source.write_text(json.dumps({"id": "q-utf", "title": "Cafés", "context": context, "question": "Which café?",
+                                  "model_answer": "Café Noir", "prediction": "Café Noir", "na_prob": 0.2,
+                                  "raw_output": '{"answer": "Café Noir"}', "run_dir": "/runs/x", "stage": "lora"},
+                                 ensure_ascii=False) + "\n", encoding="utf-8")
+    assert review_cli(["import", "--db", db.path, str(source)]) == 0
+    driver = browser
+    _sign_in(driver, url, tokens["ana"])
+    assert driver.find_element("tag name", "mark").text == "Café Noir"
+    for answer in ("1923", "1971"):
+        driver.execute_script("""
+            const box = document.getElementById('context'), word = arguments[0];
+            const walker = document.createTreeWalker(box, NodeFilter.SHOW_TEXT);
+            let node;
+            while ((node = walker.nextNode())) {
+              const at = node.data.indexOf(word);
+              if (at >= 0) {
+                const range = document.createRange();
+                range.setStart(node, at); range.setEnd(node, at + word.length);
+                const selection = window.getSelection();
+                selection.removeAllRanges(); selection.addRange(range);
+                return;
+              }
+            }""", answer)
+        _wait(driver, lambda d: d.find_element("id", "selected").text == f'"{answer}"')
+    driver.find_element("id", "use-selection").click()
+    _saved(driver, "")
+    decision = db.decisions()[-1]
+    assert decision["answer"] == "1971" and decision["answer_start"] == context.index("1971"), decision

@@ -33,6 +33,7 @@ import math
 import os
 import secrets
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -228,15 +229,24 @@ class ReviewDB:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: committed on success, rolled back on any error."""
-        with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        """One IMMEDIATE transaction: committed on success, rolled back on any error. The threads of
+        one process take turns on a lock first (a queue, where SQLite's busy handler would poll
+        with sleeps of up to 100 ms and leave the file idle); only another process's lock is
+        SQLite's to wait for, up to ``busy_seconds``."""
+        lock = _write_lock(self.path)
+        if not lock.acquire(timeout=max(10.0, 5 * self.busy_seconds)):
+            raise ReviewError("the review server is busy (too many decisions at once); try again in a moment", 503)
+        try:
+            with self._connection() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------ reviewers and settings
 
@@ -547,6 +557,17 @@ class ReviewDB:
         records, unresolved, pending = corrections(self, since)
         atomic_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), out)
         return {"written": len(records), "unresolved": unresolved, "pending": pending}
+
+
+_WRITE_LOCKS: Dict[str, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.Lock:
+    """One lock per database file in this process, whichever ``ReviewDB`` object writes."""
+    key = os.path.realpath(path)
+    with _LOCKS_LOCK:
+        return _WRITE_LOCKS.setdefault(key, threading.Lock())
 
 
 def parse_time(text: str, what: str = "time") -> datetime:

@@ -10,14 +10,19 @@ Who is who: every ``/api`` call carries ``Authorization: Bearer <token>``, a tok
 the request gives. What is refused, before anything is read or written:
 
 - a Host header that is not the server's (DNS rebinding): 400 (Starlette's ``TrustedHostMiddleware``);
-- a POST that is not ``Content-Type: application/json`` (415), has no Content-Length (411) or a
-  body over 64 KiB (413), or comes from another origin (``Origin`` / ``Sec-Fetch-Site``: 403);
-- a missing or unknown token (401), another reviewer's name or an admin route for a reviewer (403);
-- ids outside SQLite's integers and malformed bodies (400), stale leases (409), answers that are not
-  a span of the context (422).
+- a POST that is not ``Content-Type: application/json`` (415), has a ``Transfer-Encoding`` or no
+  Content-Length (411), a body over 64 KiB or longer than it said (413: counted as it streams, before
+  the token is looked at), or comes from another origin (``Origin`` / ``Sec-Fetch-Site``: 403);
+- a missing, unknown, revoked or expired token (401), another reviewer's name or an admin route for
+  a reviewer (403); only then is the body parsed;
+- bodies that are not a JSON object or are nested too deep, ids that are not ASCII digits or are
+  outside SQLite's integers (400), stale leases (409), answers that are not a span of the context (422);
+- the database held by another process's write lock for over ``BUSY_SECONDS``: 503 + Retry-After
+  (the work runs in the thread pool, so nobody else waits).
 
-Every response carries a Content-Security-Policy (same origin only, no framing), ``X-Frame-Options:
-DENY``, ``X-Content-Type-Options: nosniff`` and ``Referrer-Policy: no-referrer``.
+Every response, refusals and 500s included, carries a Content-Security-Policy (same origin only,
+no framing), ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and ``Referrer-Policy:
+no-referrer``; uvicorn's ``server`` banner is off.
 
 Routes (JSON; errors are ``{"error": message}``):
     GET  /api/me                    {name, admin}

@@ -66,6 +66,9 @@ def main(argv=None):
     parser.add_argument("--pool-max-context-words", type=int, default=120,
                         help="pool questions with contexts up to this many words (null-like 0: all)")
     parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed questions per reviewed one")
+    parser.add_argument("--corrections-repeat", type=int, default=None,
+                        help="each reviewed question this many times per epoch (dataset.replay.corrections_repeat; "
+                             "default: the config's)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over each round's questions + replay")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--test", type=int, default=300, help="held-out questions (0: all 469)")
@@ -158,6 +161,8 @@ def main(argv=None):
                     f"output_dir={run_dir}", f"init_from={current}", "phases=[lora]", "validation=null",
                     "dataset.source=json", f"dataset.data_files=[{picked_path}]", "dataset.holdout_fraction=0.0",
                     f"dataset.replay.ratio={args.replay_ratio}", f"dataset.replay.seed={rnd}",
+                    *([f"dataset.replay.corrections_repeat={args.corrections_repeat}"]
+                      if args.corrections_repeat is not None else []),
                     f"lora.batch_size={args.batch_size}", f"lora.epochs={args.epochs}", "lora.max_steps=null",
                     *resume])
             if arm != "control":  # did it learn the answers it was given?
@@ -177,8 +182,9 @@ def main(argv=None):
     baseline = [100.0 * float(r["official_exact"]) for r in always_abstain_rows(loaded["start"])]
     table = {}
     lines = [f"Start: {args.run_dir}. Each round and arm: {args.per_round} questions, retrained from the arm's "
-             f"previous run (phases=[lora], {args.epochs} epochs of batch {args.batch_size} over them + "
-             f"{args.replay_ratio:g} replayed per question); pool: {len(pool)} unseen training-pool questions "
+             f"previous run (phases=[lora], {args.epochs} epochs of batch {args.batch_size} over them"
+             + (f" x{args.corrections_repeat}" if args.corrections_repeat else "") +
+             f" + {args.replay_ratio:g} replayed per question); pool: {len(pool)} unseen training-pool questions "
              f"(contexts <= {args.pool_max_context_words or 'any'} words); test: {len(exact['start'])} held-out "
              "questions of the measurement articles (bundled_sample), greedy.", "",
              "| round | arm | reviewed so far | EM on its reviewed questions | held-out EM [95% CI] | vs start [95% CI] |",

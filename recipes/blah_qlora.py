@@ -1,6 +1,6 @@
 # torchtune-blah: the two-phase pause-token recipe. The whole training loop is in this file, on
 # purpose (torchtune's convention): `tune cp blah_qlora ./my_recipe.py` gives you the loop to edit,
-# and `tune run ./my_recipe.py --config ...` runs your copy.
+# and `tune run my_recipe.py --config ...` (from its folder) runs your copy.
 #
 #   tune run blah_qlora --config llama3_8b_blah
 #   tune run --nproc_per_node 2 blah_qlora_distributed --config llama3_8b_blah_2gpu   # the same loop, FSDP2
@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Optional
 
@@ -46,6 +47,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from torchtune_blah.checkpointing import atomic_write, load_training_state, mark_phase_complete, save_training_state
+from torchtune_blah.config_schema import QLoRAConfig
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
@@ -58,13 +60,27 @@ from torchtune_blah.pause import (
     read_matching_pause_rows,
     save_pause_embeddings,
 )
-from torchtune_blah.recipe_config import ConfigError, check_keys, check_qlora_config, init_from_stage
+from torchtune_blah.recipe_config import (
+    ConfigError,
+    check_keys,
+    check_qlora_config,
+    dataset_pause_kwargs,
+    init_from_stage,
+)
 from torchtune_blah.run_dir import RunDir, phase_complete
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
-__all__ = ["BlahQLoRARecipe", "TrainingStopped", "run_recipe"]
+__all__ = ["BlahQLoRARecipe", "Config", "TrainingStopped", "run_recipe"]
+
+
+@dataclass
+class Config(QLoRAConfig):
+    """Every key of this recipe's config, with its default: those of
+    ``torchtune_blah.config_schema.QLoRAConfig`` (sections, types, defaults). A copy of this file
+    (``tune cp blah_qlora my_recipe.py``) adds its own keys here, e.g. ``my_flag: bool = False``,
+    and reads them as ``self.cfg.my_flag``; a misspelt key is still refused, naming the nearest."""
 
 
 class TrainingStopped(RuntimeError):
@@ -78,8 +94,12 @@ class BlahQLoRARecipe(FTRecipeInterface):
     ``tune run blah_qlora``, ``FSDP2(cfg)`` for blah_qlora_distributed. Only rank 0 writes files.
     """
 
+    schema = Config
+
     def __init__(self, cfg: DictConfig, parallel: Optional[SingleDevice] = None) -> None:
-        check_keys(cfg)  # a misspelt key fails here, naming it, before anything is built
+        # The config read through the schema: a misspelt key fails here, naming it, before anything
+        # is built; every key left out has the schema's default.
+        self.cfg = cfg = check_keys(cfg, self.schema)
         self._parallel = parallel or SingleDevice()
         self.world_size, self.rank = self._parallel.world_size, self._parallel.rank
         self._is_rank_zero = self.rank == 0
@@ -90,22 +110,23 @@ class BlahQLoRARecipe(FTRecipeInterface):
         # The tokenizer is cheap and the pause spec needs it (reserved ids): build both,
         # then check the whole config before any weights load.
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._pause = as_pause_tokens(cfg.get("pause_tokens"), self._tokenizer)
+        self._pause = as_pause_tokens(cfg.pause_tokens, self._tokenizer)  # the one spec: model and data
+        self._pause_kwargs = dataset_pause_kwargs(cfg, self._pause, self._tokenizer)
         self._phases = check_qlora_config(cfg, self._pause)
         self._output_dir = str(cfg.output_dir)
         self._run = RunDir(self._output_dir)
-        self._resume = bool(cfg.get("resume_from_checkpoint", False))
-        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
-        self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and self._device.type == "cuda"
-        self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
+        self._resume = cfg.resume_from_checkpoint
+        self._log_every_n_steps = cfg.log_every_n_steps
+        self._log_peak_memory_stats = cfg.log_peak_memory_stats and self._device.type == "cuda"
+        self._save_adapter_weights_only = cfg.save_adapter_weights_only
         self._phase_cfgs = {phase: cfg[phase] for phase in self._phases}
-        if "embed" in self._phases and (cfg.get("embed") or {}).get("backward_from_first_pause") and (
+        if "embed" in self._phases and cfg.embed.backward_from_first_pause and (
                 self.world_size > 1 or cfg.dataset.get("packed", False)):
             raise ConfigError("embed.backward_from_first_pause needs one process and unpacked data (a pack's "
                               "document mask and FSDP2 are not supported by it yet); set it to false")
         if self._resume:
             self._check_resume_world_size()
-        self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
+        self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.cudnn_deterministic_mode)
 
     def _check_resume_world_size(self) -> None:
         """A checkpoint holds each process's data position and RNG: resume with as many processes."""
@@ -129,11 +150,12 @@ class BlahQLoRARecipe(FTRecipeInterface):
     # ------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
-        if self._is_rank_zero:
+        if self._is_rank_zero:  # (the config as given is what the run records)
             os.makedirs(self._output_dir, exist_ok=True)
             atomic_write(self._run.config_path, lambda tmp: OmegaConf.save(cfg, tmp))
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
+        cfg = self.cfg
 
         # torchtune's checkpointer loads the base model; its output_dir is a staging
         # area from which the final artifacts are moved into output_dir/<phase>/.
@@ -149,15 +171,15 @@ class BlahQLoRARecipe(FTRecipeInterface):
         if "lora" in self._phases:
             self._lora_settings = lora_settings(self._model)
         self._activations_ctx = training.get_act_offloading_ctx_manager(
-            self._model, cfg.get("enable_activation_offloading", False))
+            self._model, cfg.enable_activation_offloading)
 
         self._loss_fn = config.instantiate(cfg.loss)
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             set_num_output_chunks(self._model, self._loss_fn.num_output_chunks)  # contiguous chunks (why: there)
-        self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
+        self._dataset = config.instantiate(cfg.dataset, self._tokenizer, **self._pause_kwargs)
         self._packed = cfg.dataset.get("packed", False)
-        self._collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
-        self._shuffle = cfg.get("shuffle", True)
+        self._collate = _get_component_from_path(cfg.collate_fn)
+        self._shuffle = cfg.shuffle
         self._setup_validation(cfg)
         self._info(f"{type(self).__name__}: phases {self._phases}, {len(self._dataset)} training samples, "
                    f"{self._pause.num} pause tokens {list(self._pause.names)[:5]} ({self._pause.mode} ids "
@@ -166,10 +188,10 @@ class BlahQLoRARecipe(FTRecipeInterface):
     def _start_from_files(self, cfg: DictConfig, pause_module, adapter_names) -> Optional[Dict[str, torch.Tensor]]:
         """``pause_embeddings_path`` or ``init_from``: pause rows loaded into ``pause_module`` (whole
         tensors, before any sharding); the adapter to start from returned (None: the fresh one)."""
-        if cfg.get("pause_embeddings_path"):
+        if cfg.pause_embeddings_path:
             load_pause_embeddings(pause_module, str(cfg.pause_embeddings_path))
             self._info(f"Loaded pause embeddings from {cfg.pause_embeddings_path}")
-        if cfg.get("init_from"):
+        if cfg.init_from:
             return self._init_from(init_from_stage(str(cfg.init_from)), pause_module, adapter_names)
         return None
 
@@ -188,14 +210,14 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     def _setup_validation(self, cfg: DictConfig) -> None:
         """In-training validation: blah_eval's answering and scoring on held-out records."""
-        self._validation = cfg.get("validation")
+        self._validation = cfg.validation
         if self._validation is None:
             return
-        held_out = config.instantiate(cfg.dataset, self._tokenizer, part="holdout", packed=False)
-        self._val_records = held_out.records[: self._validation.get("max_examples") or None]
+        held_out = config.instantiate(cfg.dataset, self._tokenizer, part="holdout", packed=False, **self._pause_kwargs)
+        self._val_records = held_out.records[: self._validation.max_examples or None]
         style, prompts = run_prompts(cfg)  # the prompts the run trains with
         self._val_answerer = Answerer(self._model, self._tokenizer, self._pause, prompt_style=style, prompts=prompts,
-                                      max_new_tokens=self._validation.get("max_new_tokens", 64))
+                                      max_new_tokens=self._validation.max_new_tokens)
         self._info(f"validation: {len(self._val_records)} held-out questions every "
                    f"{self._validation.every_n_steps} steps")
 
@@ -216,7 +238,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         return self._parallel.answer(self._model, self._val_records, self._answer)
 
     def _answer(self, records: list) -> list:
-        batch_size = self._validation.get("batch_size", 8)
+        batch_size = self._validation.batch_size
         return [row for i in range(0, len(records), batch_size)
                 for row in self._val_answerer.answer(records[i:i + batch_size], scored=True)]
 
@@ -270,32 +292,28 @@ class BlahQLoRARecipe(FTRecipeInterface):
         # A finished lora phase is the last one: nothing after it needs its adapter in memory.
 
     def _train_phase(self, phase: str, phase_dir: str, pcfg: DictConfig) -> None:
-        train_pause = phase == "embed" or bool(pcfg.get("train_pause_embeddings", False))
+        train_pause = phase == "embed" or bool(pcfg.train_pause_embeddings)
         # Only the pause rows train: the prompt before the first pause id needs no backward pass.
-        self._cut_prompt = phase == "embed" and bool(pcfg.get("backward_from_first_pause", False))
+        self._cut_prompt = phase == "embed" and bool(pcfg.backward_from_first_pause)
         trainable = self._set_trainable(phase, train_pause)
         num_trainable = sum(p.numel() for p in trainable.values())  # a DTensor's numel is its global size
         detail = (f" ({len(self._pause.ids)} pause rows x {self._pause_module.embedding_dim})"
                   if phase == "embed" else "")
         self._info(f"{phase}: {num_trainable:,} trainable parameters{detail}; everything else frozen")
 
-        batch_size = pcfg.get("batch_size", 1)
-        accum = pcfg.get("gradient_accumulation_steps", 1)
-        epochs = pcfg.get("epochs", 1)
+        batch_size, accum, epochs = pcfg.batch_size, pcfg.gradient_accumulation_steps, pcfg.epochs
         dataloader = self._dataloader(batch_size)
         steps_per_epoch = len(dataloader) // accum
         if steps_per_epoch == 0:
             raise ValueError(f"{phase}: {len(self._dataset)} samples make no full step of batch_size {batch_size} "
                              f"x gradient_accumulation_steps {accum} x {self.world_size} process(es)")
         total_steps = epochs * steps_per_epoch
-        if pcfg.get("max_steps") is not None:
+        if pcfg.max_steps is not None:
             total_steps = min(total_steps, pcfg.max_steps)
         optimizer = config.instantiate(pcfg.optimizer, list(trainable.values()))
-        lr_cfg = pcfg.get("lr_scheduler")
-        scheduler = (config.instantiate(lr_cfg, optimizer, num_training_steps=total_steps, last_epoch=-1)
-                     if lr_cfg is not None else None)
-        clip = pcfg.get("clip_grad_norm", None)
-        save_every = pcfg.get("save_every_n_steps")
+        scheduler = (config.instantiate(pcfg.lr_scheduler, optimizer, num_training_steps=total_steps, last_epoch=-1)
+                     if pcfg.lr_scheduler is not None else None)
+        clip, save_every = pcfg.clip_grad_norm, pcfg.save_every_n_steps
         ignore_labels = torch.full((batch_size, 1), self._loss_fn.ignore_index, device=self._device)
 
         step, epoch, restored_rng, dl_state = 0, 0, None, None

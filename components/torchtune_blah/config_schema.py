@@ -2,11 +2,15 @@
 
 torchtune's command line creates any key it is given: ``datset.x=1`` or ``+dataset.x=1`` (a new
 top-level key named ``+dataset``) is accepted silently, and a misspelt ``abstain_treshold`` would
-leave the greedy rule on. Each recipe therefore checks its whole config against one dataclass
-here before anything loads: an unknown key or a value of the wrong type is a ``ConfigError``
-naming the key (and the nearest known one). Sections that hold a torchtune ``_component_``
+leave the greedy rule on. Each recipe therefore reads its whole config through one dataclass
+(``typed_config``) before anything loads: an unknown key or a value of the wrong type is a
+``ConfigError`` naming the key (and the nearest known one), and every key left out takes the
+dataclass's default, the one place defaults live. Sections that hold a torchtune ``_component_``
 (``model``, ``tokenizer``, ``optimizer`` ...) are checked by instantiation, and ``dataset`` by
-the signature of its builder. The dataclasses are also the list of keys a reader looks for.
+the signature of its builder.
+
+Each recipe file declares its own schema, a subclass of the one here (``class Config(QLoRAConfig)``
+in recipes/blah_qlora.py): a copy made with ``tune cp`` adds its keys there.
 """
 
 import difflib
@@ -91,7 +95,7 @@ class QLoRAConfig:  # blah_qlora and blah_qlora_distributed
     enable_activation_checkpointing: bool = False
     enable_activation_offloading: bool = False
     compile: bool = False
-    collate_fn: Optional[str] = None
+    collate_fn: str = "torchtune.data.padded_collate_sft"
     log_every_n_steps: int = 1
     log_peak_memory_stats: bool = False
     cudnn_deterministic_mode: Optional[bool] = None
@@ -185,11 +189,15 @@ def _known(schema: Any, path: str) -> List[str]:
 
 
 def check_config(cfg: DictConfig, schema: Any, recipe: str) -> None:
-    """Refuse keys ``schema`` does not have and values of the wrong type, naming the key.
+    """Refuse keys ``schema`` does not have and values of the wrong type, naming the key."""
+    typed_config(cfg, schema, recipe)
 
-    The config is not changed: it is merged into the schema only to be checked."""
+
+def typed_config(cfg: DictConfig, schema: Any, recipe: str) -> DictConfig:
+    """``cfg`` read through ``schema``: every key checked (unknown keys and wrong types refused,
+    naming the key), every key left out at the schema's default. ``cfg`` itself is not changed."""
     try:
-        OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except ConfigKeyError as e:
         full = str(e.full_key or e.key)
         parent, _, key = full.rpartition(".")

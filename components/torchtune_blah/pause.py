@@ -19,6 +19,7 @@ The method in three pieces:
   change, so torchtune's checkpointers keep loading the base checkpoint).
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -156,11 +157,14 @@ def pause_tokens(
 
 
 def as_pause_tokens(spec: Union[None, PauseTokens, Mapping[str, Any]], tokenizer: Any = None) -> PauseTokens:
-    """Accept a ``PauseTokens``, a config mapping of ``pause_tokens`` arguments, or None (``NO_PAUSE``)."""
+    """Accept a ``PauseTokens``, a config mapping of ``pause_tokens`` arguments (or the typed
+    section a recipe's schema makes of it), or None (``NO_PAUSE``)."""
     if isinstance(spec, PauseTokens):
         return spec
     if spec is None:
         return NO_PAUSE
+    if dataclasses.is_dataclass(spec):  # (config_schema.PauseTokensSection, as torchtune's instantiate gives it)
+        spec = dataclasses.asdict(spec)
     kwargs = {k: v for k, v in dict(spec).items() if k != "_component_"}
     return pause_tokens(**kwargs, tokenizer=tokenizer)
 

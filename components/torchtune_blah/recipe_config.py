@@ -7,22 +7,56 @@ minutes of loading an 8B model.
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from torchtune_blah.config_schema import ConfigError, QLoRAConfig, check_component_keys, check_config
-from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, read_pause_embeddings
+from torchtune_blah.config_schema import ConfigError, QLoRAConfig, check_component_keys, typed_config
+from torchtune_blah.pause import PAUSE_EMBEDDINGS_FILE, PauseTokens, as_pause_tokens, read_pause_embeddings
 from torchtune_blah.run_dir import PHASE_COMPLETE_FILE, PHASES, RunDir, phase_complete
 
-__all__ = ["ConfigError", "check_keys", "check_qlora_config", "init_from_stage"]
+__all__ = ["ConfigError", "check_keys", "check_qlora_config", "dataset_pause_kwargs", "init_from_stage"]
 
 
-def check_keys(cfg: DictConfig) -> None:
-    """Every key of a ``blah_qlora`` config is one it reads (``config_schema.QLoRAConfig``), and
-    every ``dataset`` key one its builder takes: checked first, before anything is built."""
-    check_config(cfg, QLoRAConfig, "blah_qlora")
-    check_component_keys(cfg.get("dataset"), "dataset")
+def check_keys(cfg: DictConfig, schema: Any = QLoRAConfig, recipe: str = "blah_qlora") -> DictConfig:
+    """``cfg`` read through the recipe's ``schema`` (``config_schema.typed_config``: unknown keys
+    refused, defaults filled in) and every ``dataset`` key one its builder takes: checked first,
+    before anything is built. Returns the typed config the recipe reads."""
+    typed = typed_config(cfg, schema, recipe)
+    check_component_keys(typed.get("dataset"), "dataset")
+    return typed
+
+
+def dataset_pause_kwargs(cfg: DictConfig, pause: PauseTokens, tokenizer: Any) -> dict:
+    """The pause tokens have one owner, the top-level ``pause_tokens`` the model's rows are made
+    from: the recipe hands that section to a dataset builder that takes one (``{"pause_tokens":
+    section}``, as plain values: torchtune merges keyword arguments into the config; empty for a
+    builder without the argument). A ``dataset.pause_tokens`` that says
+    otherwise (3 tokens for the data, 5 rows in the model: rows 3-4 would never train) is refused
+    here, before anything loads."""
+    import inspect
+
+    from torchtune.config._utils import _get_component_from_path
+
+    data = cfg.dataset
+    try:
+        builder = _get_component_from_path(str(data._component_))
+        takes = "pause_tokens" in inspect.signature(builder).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}  # (check_component_keys names a builder that cannot be imported)
+    if "pause_tokens" in data:
+        try:
+            theirs = as_pause_tokens(data.pause_tokens, tokenizer)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"dataset.pause_tokens: {e}") from None
+        if (theirs.ids, theirs.names, theirs.mode, theirs.distinct) != (pause.ids, pause.names, pause.mode,
+                                                                         pause.distinct):
+            raise ConfigError(
+                f"dataset.pause_tokens gives {theirs.num} pause token(s) {list(theirs.names)[:5]} (ids "
+                f"{list(theirs.ids)[:5]}, mode {theirs.mode}) but pause_tokens, which the model's rows are made "
+                f"from, gives {pause.num} {list(pause.names)[:5]} (ids {list(pause.ids)[:5]}, mode {pause.mode}); "
+                "write dataset.pause_tokens: ${pause_tokens} (or leave it out: the recipe passes its own)")
+    return {"pause_tokens": OmegaConf.to_container(cfg.pause_tokens, resolve=True)} if takes else {}
 
 
 def _is_inside(child: str, parent: str) -> bool:

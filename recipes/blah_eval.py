@@ -32,19 +32,20 @@
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text
-from torchtune_blah.config_schema import EvalConfig, check_config
+from torchtune_blah.config_schema import EvalConfig, typed_config
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config, apply_rule, calibrate,
                                             check_calibration_rows, run_fingerprint)
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, llama_squad_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
-from torchtune_blah.eval.routing import (TARGET_EM, budget_lines, check_expert_accuracy, check_target_em,
+from torchtune_blah.eval.routing import (budget_lines, check_expert_accuracy, check_target_em,
                                          confidence_report, review_budget)
 from torchtune_blah.eval.run import Answerer, answer_into, run_prompts
 from torchtune_blah.eval.stats import auroc, summary_statistics
@@ -56,11 +57,17 @@ from torchtune_blah.run_dir import CALIBRATION_FILE, STAGING_DIR, RunDir
 log = utils.get_logger("INFO")
 
 
+@dataclass
+class Config(EvalConfig):
+    """Every key of this recipe's config, with its default: ``torchtune_blah.config_schema.EvalConfig``'s.
+    A copy of this file (``tune cp blah_eval my_eval.py``) adds its own keys here."""
+
+
 def _run_config(cfg: DictConfig) -> DictConfig:
     """The blah_qlora config of run_dir, with the eval config's model/tokenizer/checkpointer on top."""
-    run_cfg = RunDir(cfg.run_dir).read_config() if cfg.get("run_dir") else OmegaConf.create({})
+    run_cfg = RunDir(cfg.run_dir).read_config() if cfg.run_dir else OmegaConf.create({})
     for key in ("model", "tokenizer", "checkpointer"):
-        if cfg.get(key) is not None:
+        if cfg[key] is not None:
             run_cfg[key] = cfg[key]
         if run_cfg.get(key) is None:
             raise ValueError(f"{key} is missing: give run_dir, or {key} in the eval config")
@@ -68,8 +75,8 @@ def _run_config(cfg: DictConfig) -> DictConfig:
 
 
 def _stage(cfg: DictConfig) -> str:
-    stage = str(cfg.get("stage", "latest"))
-    if not cfg.get("run_dir"):
+    stage = str(cfg.stage)
+    if not cfg.run_dir:
         if stage not in ("base", "latest"):
             raise ValueError(f"stage={stage} needs run_dir (a blah_qlora output_dir)")
         return "base"
@@ -79,31 +86,31 @@ def _stage(cfg: DictConfig) -> str:
 class BlahEvalRecipe:
     """setup() loads the run's model (torchtune_blah.model.load_run_model), evaluate() answers and scores."""
 
+    schema = Config
+
     def __init__(self, cfg: DictConfig) -> None:
-        check_config(cfg, EvalConfig, "blah_eval")  # a misspelt key fails here, naming it
-        self._cfg = cfg
+        # Read through the schema: a misspelt key fails here, naming it; every key left out has its default.
+        self._cfg = cfg = typed_config(cfg, self.schema, "blah_eval")
         # Under `tune run --nproc_per_node N` (torchrun): data parallel, every rank a whole model.
         self._world_size, self._rank = _init_distributed(cfg.device)
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._run_cfg = _run_config(cfg)
         self._stage = _stage(cfg)
-        self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))
+        self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.prompt_style)
         self._output_dir = str(cfg.output_dir)
-        self._batch_size = int(cfg.get("batch_size", 8))
+        self._batch_size = cfg.batch_size
         data = cfg.dataset
-        self._records = load_squad_records(data.get("source", "rajpurkar/squad_v2"), data_files=data.get("data_files"),
-                                           split=data.get("split", "validation"))
-        self._records = filter_context_words(self._records, data.get("max_context_words"))
-        if data.get("shuffle_seed") is not None:
+        self._records = load_squad_records(data.source, data_files=data.data_files, split=data.split)
+        self._records = filter_context_words(self._records, data.max_context_words)
+        if data.shuffle_seed is not None:
             random.Random(int(data.shuffle_seed)).shuffle(self._records)
-        if data.get("max_examples"):
+        if data.max_examples:
             self._records = self._records[: int(data.max_examples)]
         self._check_pause_settings(cfg)
-        self._calibrate = bool(cfg.get("calibrate", False))
-        self._calibrate_metric = str(cfg.get("calibrate_metric", "exact"))
+        self._calibrate, self._calibrate_metric = cfg.calibrate, cfg.calibrate_metric
         if self._calibrate:
-            if cfg.get("abstain_threshold") is not None or cfg.get("abstain_score") is not None:
+            if cfg.abstain_threshold is not None or cfg.abstain_score is not None:
                 raise ValueError("calibrate=true chooses the abstention rule and threshold on these questions; "
                                  "drop abstain_threshold / abstain_score")
             if self._calibrate_metric not in METRIC_KEYS:
@@ -112,21 +119,21 @@ class BlahEvalRecipe:
             # Answer every question with its best span (never abstain), then choose.
             self._abstention = {"rule": "p_abstain", "threshold": 1.0, "source": "calibrate"}
         else:
-            self._abstention = abstention_from_config(cfg, self._run_cfg, cfg.get("run_dir"), self._stage,
+            self._abstention = abstention_from_config(cfg, self._run_cfg, cfg.run_dir, self._stage,
                                                       self._prompt_style)
-        self._settings = {"run_dir": str(cfg.get("run_dir")), "stage": self._stage,
+        self._settings = {"run_dir": str(cfg.run_dir), "stage": self._stage,
                           "prompt_style": self._prompt_style, "batch_size": self._batch_size,
-                          "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
+                          "max_new_tokens": cfg.max_new_tokens,
                           "ids": [r.id for r in self._records]}
         if self._abstention is not None:  # (absent for greedy, so older evaluations still resume)
             self._settings["abstention"] = self._abstention
-        self._run_fields = {"run_dir": str(cfg.get("run_dir") or ""), "stage": self._stage}
-        self._expert_accuracy = check_expert_accuracy(cfg.get("expert_accuracy", 1.0))
-        self._target_em = check_target_em(cfg.get("review_target_em", TARGET_EM))
+        self._run_fields = {"run_dir": str(cfg.run_dir or ""), "stage": self._stage}
+        self._expert_accuracy = check_expert_accuracy(cfg.expert_accuracy)
+        self._target_em = check_target_em(cfg.review_target_em)
 
     def _check_pause_settings(self, cfg: DictConfig) -> None:
         """The pause tokens come from the run's artifacts; a config that names others is a mistake."""
-        wanted = cfg.get("pause_tokens")
+        wanted = cfg.pause_tokens
         if wanted is None or self._stage == "base":
             return
         _, meta = read_pause_embeddings(os.path.join(str(cfg.run_dir), self._stage))
@@ -145,9 +152,9 @@ class BlahEvalRecipe:
             atomic_json(self._settings, settings_path)
         abstention = (self._abstention["rule"], self._abstention["threshold"]) if self._abstention else None
         self._answerer = Answerer.load(
-            self._run_cfg, str(self._cfg.get("run_dir") or ""), self._stage, self._device, self._dtype,
+            self._run_cfg, str(self._cfg.run_dir or ""), self._stage, self._device, self._dtype,
             staging_dir=os.path.join(self._output_dir, f"{STAGING_DIR}-rank{self._rank}"),
-            quantize_base=self._cfg.get("quantize_base"), prompt_style=self._prompt_style, prompts=self._prompts,
+            quantize_base=self._cfg.quantize_base, prompt_style=self._prompt_style, prompts=self._prompts,
             max_new_tokens=self._settings["max_new_tokens"], abstention=abstention)
         self._pause = self._answerer.pause
         # Batches of questions of similar length (less padding); the files list them in input order.
@@ -228,12 +235,12 @@ class BlahEvalRecipe:
         # The evaluated questions in the official format, so the official script can score
         # exactly this set (it expects a prediction for every question of its data file).
         atomic_json(official_data(self._records), os.path.join(out, "eval_data.json"))
-        name = self._cfg.get("model_name") or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
+        name = self._cfg.model_name or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
         atomic_text(results_row(name, metrics["llama_squad"], metrics["summary"], metrics["official"])
                     + "\n" + "\n".join(budget_lines(metrics["review_budget"])) + "\n",
                     os.path.join(out, "results.md"))
         self._write_plots(rows, name)
-        queue = review_queue(rows, limit=self._cfg.get("review_queue_size"))
+        queue = review_queue(rows, limit=self._cfg.review_queue_size)
         atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
         print(format_table(metrics))
         return metrics
@@ -242,11 +249,11 @@ class BlahEvalRecipe:
         """Choose the rule and threshold on these questions; write calibration.json here and with
         the run; return the rows decided by it."""
         chosen = calibrate(rows, self._calibrate_metric)
-        run_dir = self._cfg.get("run_dir")
+        run_dir = self._cfg.run_dir
         data = self._cfg.dataset
         chosen.update(prompt_style=self._prompt_style,
                       fingerprint=run_fingerprint(self._run_cfg, str(run_dir or ""), self._stage),
-                      validation={"source": str(data.get("source")), "split": str(data.get("split", "validation")),
+                      validation={"source": str(data.source), "split": str(data.split),
                                   "articles": sorted({r.title for r in self._records if r.title})},
                       eval_dir=self._output_dir)
         atomic_json(chosen, os.path.join(self._output_dir, CALIBRATION_FILE))

@@ -7,22 +7,30 @@
 # place. What the folder holds: torchtune_blah/export.py and the config's comments.
 
 import sys
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 from torchtune import config, utils
 
-from torchtune_blah.config_schema import ExportConfig, check_config
+from torchtune_blah.config_schema import ExportConfig, typed_config
 from torchtune_blah.export import export_run, plan_export
 
 log = utils.get_logger("INFO")
 
 
+@dataclass
+class Config(ExportConfig):
+    """Every key of this recipe's config, with its default: ``torchtune_blah.config_schema.ExportConfig``'s.
+    A copy of this file (``tune cp blah_export my_export.py``) adds its own keys here."""
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="blah_export", cfg=cfg)
-    check_config(cfg, ExportConfig, "blah_export")  # a misspelt key fails here, naming it
-    plan = plan_export(cfg.run_dir, cfg.output_dir, stage=cfg.get("stage", "latest"), format=cfg.get("format", "hf"),
-                       dtype=cfg.get("dtype"), eval_dirs=list(cfg.get("eval_dirs") or []))
+    # Read through the schema: a misspelt key fails here, naming it; every key left out has its default.
+    cfg = typed_config(cfg, Config, "blah_export")
+    plan = plan_export(cfg.run_dir, cfg.output_dir, stage=cfg.stage, format=cfg.format, dtype=cfg.dtype,
+                       eval_dirs=list(cfg.eval_dirs or []))
     pause = f"{plan.pause.num} pause tokens ({plan.pause.mode})" if plan.pause.num else "no pause tokens"
     log.info(f"blah_export: {plan.run_dir} stage {plan.stage} ({pause}) -> {plan.output_dir} as {plan.format}, "
              f"{plan.dtype}; tokenizer from {plan.tokenizer_source}")

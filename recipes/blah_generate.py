@@ -12,6 +12,7 @@
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import List
 
 from omegaconf import DictConfig
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from torchtune_blah.chat_format import chat_format
 from torchtune_blah.checkpointing import atomic_json, atomic_text
-from torchtune_blah.config_schema import GenerateConfig, check_config
+from torchtune_blah.config_schema import GenerateConfig, typed_config
 from torchtune_blah.data.squad import ANSWER_PREFIX, SquadRecord, load_questions_jsonl, question_id
 from torchtune_blah.eval.abstention import abstention_from_config
 from torchtune_blah.eval.run import EXPLAIN_PROMPT, Answerer, answer_into, run_prompts
@@ -32,13 +33,19 @@ log = utils.get_logger("INFO")
 OUTPUT_FILE = "generations.jsonl"
 
 
+@dataclass
+class Config(GenerateConfig):
+    """Every key of this recipe's config, with its default: ``torchtune_blah.config_schema.GenerateConfig``'s.
+    A copy of this file (``tune cp blah_generate my_generate.py``) adds its own keys here."""
+
+
 def _questions(cfg: DictConfig) -> List[SquadRecord]:
-    one = cfg.get("context") is not None or cfg.get("question") is not None
-    if bool(cfg.get("questions")) == one:
+    one = cfg.context is not None or cfg.question is not None
+    if bool(cfg.questions) == one:
         raise ValueError("give either questions=<file.jsonl> or both context=... and question=...")
     if not one:
         return load_questions_jsonl(str(cfg.questions))
-    context, question = cfg.get("context"), cfg.get("question")
+    context, question = cfg.context, cfg.question
     for name, value in (("context", context), ("question", question)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty text (quote it on the command line: {name}=\"...\")")
@@ -63,27 +70,30 @@ class _Streamer:
 
 
 class BlahGenerateRecipe:
+    schema = Config
+
     def __init__(self, cfg: DictConfig) -> None:
-        check_config(cfg, GenerateConfig, "blah_generate")  # a misspelt key fails here, naming it
-        self._cfg = cfg
+        # Read through the schema: a misspelt key fails here, naming it; every key left out has its default.
+        self._cfg = cfg = typed_config(cfg, self.schema, "blah_generate")
         self._run_dir = str(cfg.run_dir)
         run = RunDir(self._run_dir)
         self._run_cfg = run.read_config()
-        self._stage = run.resolve_stage(str(cfg.get("stage", "latest")))
-        self._device = utils.get_device(device=cfg.get("device") or self._run_cfg.get("device", "cpu"))
-        self._dtype = training.get_dtype(cfg.get("dtype") or self._run_cfg.get("dtype", "fp32"), device=self._device)
-        self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.get("prompt_style"))
+        self._stage = run.resolve_stage(str(cfg.stage))
+        # device and dtype: the run's unless given (None)
+        self._device = utils.get_device(device=cfg.device or self._run_cfg.get("device", "cpu"))
+        self._dtype = training.get_dtype(cfg.dtype or self._run_cfg.get("dtype", "fp32"), device=self._device)
+        self._prompt_style, self._prompts = run_prompts(self._run_cfg, cfg.prompt_style)
         self._records = _questions(cfg)
         self._abstention = abstention_from_config(cfg, self._run_cfg, self._run_dir, self._stage, self._prompt_style)
-        one_question = cfg.get("questions") is None
-        self._stream = bool(one_question if cfg.get("stream") is None else cfg.stream)
-        self._batch_size = 1 if self._stream else int(cfg.get("batch_size", 8))
+        one_question = cfg.questions is None
+        self._stream = bool(one_question if cfg.stream is None else cfg.stream)  # (None: stream one question)
+        self._batch_size = 1 if self._stream else cfg.batch_size
         self._output_dir = str(cfg.output_dir)
         self._settings = {
             "run_dir": self._run_dir, "stage": self._stage, "prompt_style": self._prompt_style,
-            "explain": bool(cfg.get("explain", False)), "explain_prompt": str(cfg.get("explain_prompt", EXPLAIN_PROMPT)),
-            "max_new_tokens": int(cfg.get("max_new_tokens", 64)),
-            "max_explain_tokens": int(cfg.get("max_explain_tokens", 256)),
+            "explain": cfg.explain,
+            "explain_prompt": EXPLAIN_PROMPT if cfg.explain_prompt is None else str(cfg.explain_prompt),
+            "max_new_tokens": cfg.max_new_tokens, "max_explain_tokens": cfg.max_explain_tokens,
         }
         if self._abstention is not None:  # (absent for greedy, so older outputs still resume)
             self._settings["abstention"] = self._abstention
@@ -96,7 +106,7 @@ class BlahGenerateRecipe:
         abstention = (self._abstention["rule"], self._abstention["threshold"]) if self._abstention else None
         self._answerer = Answerer.load(
             self._run_cfg, self._run_dir, self._stage, self._device, self._dtype,
-            staging_dir=os.path.join(self._output_dir, STAGING_DIR), quantize_base=self._cfg.get("quantize_base"),
+            staging_dir=os.path.join(self._output_dir, STAGING_DIR), quantize_base=self._cfg.quantize_base,
             prompt_style=self._prompt_style, prompts=self._prompts, max_new_tokens=self._settings["max_new_tokens"],
             abstention=abstention)
         self._fmt = chat_format(self._answerer.tokenizer)

@@ -129,7 +129,7 @@ class EvalConfig:  # blah_eval
     calibrate: bool = False
     calibrate_metric: str = "exact"
     calibration_file: Optional[str] = None
-    review_queue_size: Optional[int] = 20  # null: every question
+    review_queue_size: Optional[int] = 20  # rows of review_queue.jsonl; null: every question
     expert_accuracy: float = 1.0  # review_budget: how often the expert is right (checked in eval.routing)
     review_target_em: float = 80.0  # review_budget: the share of review that reaches this EM
     model_name: Optional[str] = None
@@ -150,8 +150,8 @@ class GenerateConfig:  # blah_generate
     context: Optional[str] = None
     question: Optional[str] = None
     explain: bool = False
-    explain_prompt: Optional[str] = None
-    stream: Optional[bool] = None
+    explain_prompt: Optional[str] = None  # None: eval.run.EXPLAIN_PROMPT
+    stream: Optional[bool] = None  # None: stream when answering one question
     prompt_style: Optional[str] = None
     batch_size: int = 8
     max_new_tokens: int = 64

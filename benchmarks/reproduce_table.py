@@ -39,7 +39,7 @@ import time
 
 from torchtune_blah.checkpointing import atomic_json, atomic_text
 from torchtune_blah.run_dir import CALIBRATION_FILE, RunDir
-from torchtune_blah.eval.compare import load_rows
+from torchtune_blah.eval.folder import load_rows
 from torchtune_blah.eval.report import comparison_table
 
 

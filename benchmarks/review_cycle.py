@@ -83,7 +83,7 @@ def main(argv=None):
 
     from torchtune_blah.data.replay import trained_records
     from torchtune_blah.data.squad import filter_context_words, load_squad_records
-    from torchtune_blah.eval.compare import load_rows
+    from torchtune_blah.eval.folder import load_rows
     from torchtune_blah.eval.report import always_abstain_rows
     from torchtune_blah.eval.stats import bootstrap_ci, paired_difference
 

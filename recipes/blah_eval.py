@@ -43,6 +43,7 @@ from torchtune_blah.config_schema import EvalConfig, typed_config
 from torchtune_blah.data.squad import filter_context_words, load_squad_records
 from torchtune_blah.eval.abstention import (METRIC_KEYS, abstention_from_config, apply_rule, calibrate,
                                             check_calibration_rows, run_fingerprint)
+from torchtune_blah.eval.folder import METRICS_FILE, PREDICTIONS_FILE, QUEUE_FILE, RESULTS_FILE, SETTINGS_FILE
 from torchtune_blah.eval.metrics import official_best_thresholds, official_metrics, llama_squad_metrics
 from torchtune_blah.eval.report import format_table, official_data, results_row, review_queue
 from torchtune_blah.eval.routing import (budget_lines, check_expert_accuracy, check_target_em,
@@ -144,7 +145,7 @@ class BlahEvalRecipe:
                                  "pause_embeddings.safetensors says what they are)")
 
     def setup(self) -> None:
-        settings_path = os.path.join(self._output_dir, "eval_settings.json")
+        settings_path = os.path.join(self._output_dir, SETTINGS_FILE)
         check_settings(settings_path, self._settings, "an evaluation")
         os.makedirs(self._output_dir, exist_ok=True)
         _barrier(self._world_size)  # every rank has checked before rank 0 writes
@@ -164,7 +165,7 @@ class BlahEvalRecipe:
                  f"{len(self._records)} questions")
 
     def _predictions_path(self, rank: int) -> str:
-        name = "predictions.jsonl" if self._world_size == 1 else \
+        name = PREDICTIONS_FILE if self._world_size == 1 else \
             f"predictions.rank{rank}-of-{self._world_size}.jsonl"
         return os.path.join(self._output_dir, name)
 
@@ -195,7 +196,7 @@ class BlahEvalRecipe:
                 raise RuntimeError(f"{shard.path} is incomplete after every rank finished")
             rows.update(shard.done)
         ordered = [rows[r.id] for r in self._records]
-        atomic_text(jsonl(ordered), os.path.join(self._output_dir, "predictions.jsonl"))
+        atomic_text(jsonl(ordered), os.path.join(self._output_dir, PREDICTIONS_FILE))
         return self._write_results(ordered)
 
     def _write_results(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -229,7 +230,7 @@ class BlahEvalRecipe:
                 # What greedy decoding answers, read off the same pass ("?" where it was the argmax).
                 metrics["greedy_same_pass"] = {"llama_squad": llama_squad_metrics(greedy), "official": official_metrics(greedy),
                                                "summary": summary_statistics(greedy)}
-        atomic_json(metrics, os.path.join(out, "metrics.json"))
+        atomic_json(metrics, os.path.join(out, METRICS_FILE))
         atomic_json({r["id"]: r["prediction"] for r in rows}, os.path.join(out, "predictions.json"))
         atomic_json({r["id"]: r["na_prob"] for r in rows}, os.path.join(out, "na_probs.json"))
         # The evaluated questions in the official format, so the official script can score
@@ -238,10 +239,10 @@ class BlahEvalRecipe:
         name = self._cfg.model_name or f"{os.path.basename(self._settings['run_dir'])} ({self._stage})"
         atomic_text(results_row(name, metrics["llama_squad"], metrics["summary"], metrics["official"])
                     + "\n" + "\n".join(budget_lines(metrics["review_budget"])) + "\n",
-                    os.path.join(out, "results.md"))
+                    os.path.join(out, RESULTS_FILE))
         self._write_plots(rows, name)
         queue = review_queue(rows, limit=self._cfg.review_queue_size)
-        atomic_text(jsonl(queue), os.path.join(out, "review_queue.jsonl"))
+        atomic_text(jsonl(queue), os.path.join(out, QUEUE_FILE))
         print(format_table(metrics))
         return metrics
 
@@ -263,7 +264,7 @@ class BlahEvalRecipe:
             atomic_json(chosen, path)
             log.info(f"calibration: {chosen['rule']} > {chosen['threshold']:.4f} abstains; written to {path}")
         decided = apply_rule(rows, chosen["rule"], chosen["threshold"])
-        atomic_text(jsonl(decided), os.path.join(self._output_dir, "predictions.jsonl"))
+        atomic_text(jsonl(decided), os.path.join(self._output_dir, PREDICTIONS_FILE))
         return decided, {"rule": chosen["rule"], "threshold": chosen["threshold"],
                          "source": "calibrate (chosen on these questions)"}
 

@@ -50,6 +50,7 @@ from torchtune_blah.data.squad import (
     squad_messages,
 )
 from torchtune_blah.eval.abstention import load_calibration, run_fingerprint
+from torchtune_blah.eval.folder import METRICS_FILE
 from torchtune_blah.hf_tokenizer import (
     TokenizerExportError,
     add_pause_tokens,
@@ -156,7 +157,7 @@ def plan_export(run_dir: str, output_dir: str, stage: str = "latest", format: st
 
     metrics = []
     for directory in eval_dirs or ():
-        path = os.path.join(str(directory), "metrics.json")
+        path = os.path.join(str(directory), METRICS_FILE)
         if not os.path.isfile(path):
             raise ExportError(f"eval_dirs: {path} not found; list blah_eval output folders")
         with open(path) as f:

@@ -32,10 +32,17 @@ def placeholder_name(token_id: int) -> str:
     return f"<|blah_unused_{token_id}|>"
 
 
-def _bytes_to_unicode() -> Dict[int, str]:
-    from torchtune_blah.tiny import _bytes_to_unicode as table
-
-    return table()
+def bytes_to_unicode() -> Dict[int, str]:
+    # GPT-2's reversible byte <-> printable-character table, as byte-level BPE uses it.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
 def tiktoken_to_tokenizers(path: str, pattern: str, special_tokens: Dict[str, int], bos: Optional[str]):
@@ -48,7 +55,7 @@ def tiktoken_to_tokenizers(path: str, pattern: str, special_tokens: Dict[str, in
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     ranks = load_tiktoken_bpe(path)
-    to_text = _bytes_to_unicode()
+    to_text = bytes_to_unicode()
 
     def text(raw: bytes) -> str:
         return "".join(to_text[b] for b in raw)

@@ -66,6 +66,8 @@ def write_tiny_tiktoken(path: str) -> str:
         return path
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+    from torchtune_blah.hf_tokenizer import bytes_to_unicode
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -74,7 +76,7 @@ def write_tiny_tiktoken(path: str) -> str:
     )
     tokenizer.train_from_iterator(_training_texts(), trainer=trainer)
     # Byte-level BPE spells bytes as printable characters; map them back to bytes.
-    printable = _bytes_to_unicode()
+    printable = bytes_to_unicode()
     to_byte = {c: b for b, c in printable.items()}
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     lines = []
@@ -87,19 +89,6 @@ def write_tiny_tiktoken(path: str) -> str:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def _bytes_to_unicode() -> Dict[int, str]:
-    # GPT-2's reversible byte <-> printable-character table, as byte-level BPE uses it.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def tiny_llama3_tokenizer(path: str, max_seq_len: Optional[int] = None):

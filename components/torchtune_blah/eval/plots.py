@@ -12,6 +12,7 @@
 import os
 from typing import List, Mapping, Sequence
 
+from torchtune_blah.data.squad import NO_ANSWER
 from torchtune_blah.eval.metrics import score_example
 
 PLOT_FILES = ("risk_coverage.png", "na_prob_histogram.png", "review_budget.png")
@@ -23,7 +24,7 @@ def risk_coverage(rows: Sequence[Mapping]) -> List[tuple]:
     (``span_answer``, threshold rules) or, failing that, its own answer when it did not abstain."""
     def answered_exact(r):
         answer = r.get("span_answer", r["model_answer"])
-        return score_example(r["gold_answers"], answer)["official_exact"] if answer not in (None, "?") else 0
+        return score_example(r["gold_answers"], answer)["official_exact"] if answer not in (None, NO_ANSWER) else 0
 
     ordered = sorted(rows, key=lambda r: r["na_prob"])
     points, correct = [], 0
@@ -46,7 +47,7 @@ def write_plots(rows: Sequence[Mapping], output_dir: str, title: str, expert_acc
     ax.plot([100 * c for c, _ in points], [100 * e for _, e in points], color="tab:blue", label="answer the most certain")
     if points:  # a score that ranks nothing stays at the exact match of answering everything
         ax.axhline(100 * points[-1][1], color="gray", linestyle="--", linewidth=1, label="a random order")
-    answered = [r for r in rows if r["model_answer"] not in (None, "?")]
+    answered = [r for r in rows if r["model_answer"] not in (None, NO_ANSWER)]
     if answered and rows:
         ax.scatter([100 * len(answered) / len(rows)],
                    [100 * sum(r["official_exact"] for r in answered) / len(answered)],

@@ -226,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     thresholded evaluation)."""
     import argparse
 
-    from torchtune_blah.eval.compare import load_rows
+    from torchtune_blah.eval.folder import load_rows
 
     parser = argparse.ArgumentParser(prog="python -m torchtune_blah.eval.routing", description=main.__doc__)
     parser.add_argument("folder", help="a blah_eval output_dir (or FOLDER@greedy)")

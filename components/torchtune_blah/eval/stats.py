@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from torchtune_blah.data.squad import NO_ANSWER
+
 BOOTSTRAP_SAMPLES = 2000
 
 
@@ -84,7 +86,7 @@ def summary_statistics(rows: Sequence[dict]) -> Dict[str, object]:
     na_probs = [float(r["na_prob"]) for r in rows]
     result: Dict[str, object] = {
         "questions": len(rows),
-        "pct_abstained": 100.0 * sum(r["model_answer"] == "?" for r in rows) / len(rows) if rows else 0.0,
+        "pct_abstained": 100.0 * sum(r["model_answer"] == NO_ANSWER for r in rows) / len(rows) if rows else 0.0,
         "auroc_na_prob": auroc(na_probs, no_answer),
     }
     intervals = {}

@@ -19,9 +19,10 @@ from datetime import datetime
 from itertools import combinations
 from typing import Any, Dict, List, Optional, Tuple
 
+from torchtune_blah.data.squad import NO_ANSWER
 from torchtune_blah.eval.metrics import normalize_answer
+from torchtune_blah.review.sources import item_view
 
-NO_ANSWER = "?"
 
 
 def normalized(answer: Optional[str]) -> str:
@@ -126,15 +127,13 @@ def stats(db) -> Dict[str, Any]:
 
 def disagreements(db) -> List[Dict[str, Any]]:
     """Items whose reviewers disagree, with every vote, for an admin to resolve."""
-    from torchtune_blah.review.db import _item_view
-
     state = review_state(db)
     out = []
     for item_id, (status, _) in statuses(state).items():
         if status == "disagreement":
             votes = [{"reviewer": v["reviewer"], "action": v["action"], "answer": v["answer"],
                       "answer_start": v["answer_start"], "note": v["note"]} for v in state["votes"][item_id]]
-            out.append({"item": _item_view(state["items"][item_id]), "votes": votes})
+            out.append({"item": item_view(state["items"][item_id]), "votes": votes})
     return out
 
 

@@ -42,12 +42,12 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Optional
 
 from torchtune_blah.checkpointing import atomic_text
-from torchtune_blah.review.sources import ReviewItem
+from torchtune_blah.data.squad import NO_ANSWER
+from torchtune_blah.review.sources import ReviewItem, item_view
 
 SCHEMA_VERSION = 3
 ACTIONS = ("accept", "no_answer", "span", "skip")
 REVIEWED = ("accept", "no_answer", "span")
-NO_ANSWER = "?"
 MAX_ID = 2 ** 63 - 1  # SQLite's INTEGER
 
 _TABLES = """
@@ -345,7 +345,7 @@ class ReviewDB:
                 conn.execute("UPDATE leases SET expires = ? WHERE item_id = ? AND reviewer = ?",
                              (expires, held["item_id"], reviewer))
                 row = conn.execute("SELECT * FROM items WHERE id = ?", (held["item_id"],)).fetchone()
-                return Lease(item=_item_view(row), token=held["token"], expires=expires)
+                return Lease(item=item_view(row), token=held["token"], expires=expires)
             row = conn.execute(
                 "SELECT i.*, mine.action AS my_action FROM items i "
                 "LEFT JOIN votes mine ON mine.item_id = i.id AND mine.reviewer = ? "
@@ -359,7 +359,7 @@ class ReviewDB:
             token, expires = uuid.uuid4().hex, now + self.lease_seconds
             conn.execute("INSERT INTO leases (item_id, reviewer, token, granted, expires) VALUES (?, ?, ?, ?, ?)",
                          (row["id"], reviewer, token, now, expires))
-            return Lease(item=_item_view(row), token=token, expires=expires)
+            return Lease(item=item_view(row), token=token, expires=expires)
 
     def queue_state(self, reviewer: str) -> str:
         """Why ``next_item`` found nothing: ``leased`` (items still need reviewers but others hold
@@ -464,7 +464,7 @@ class ReviewDB:
             conn.execute("INSERT INTO leases (item_id, reviewer, token, granted, expires) VALUES (?, ?, ?, ?, ?)",
                          (last["item_id"], reviewer, token, now, expires))
             row = conn.execute("SELECT * FROM items WHERE id = ?", (last["item_id"],)).fetchone()
-            return Lease(item=_item_view(row), token=token, expires=expires)
+            return Lease(item=item_view(row), token=token, expires=expires)
 
     def resolve(self, item_id: int, admin: str, action: str, answer: Optional[str] = None,
                 answer_start: Optional[int] = None, note: Optional[str] = None) -> int:
@@ -522,7 +522,7 @@ class ReviewDB:
             row = conn.execute("SELECT * FROM items WHERE id = ?", (_item_id(item_id),)).fetchone()
         if row is None:
             raise ReviewError(f"unknown item {item_id}", 404)
-        return _item_view(row)
+        return item_view(row)
 
     def votes_by_item(self) -> Dict[int, List[Dict[str, Any]]]:
         """Every item's non-skip votes, in decision order (for agreement and resolution)."""
@@ -646,15 +646,3 @@ def _checked_answer(row, action: str, answer: Any, answer_start: Any):
         raise ReviewError(f"{answer!r:.80} is not the span of the context at {answer_start}: select it in the context",
                           422)
     return answer, answer_start
-
-
-def _item_view(row) -> Dict[str, Any]:
-    """What the review page shows of an item."""
-    model = row["model_answer"]
-    start = row["context"].find(model) if model and model != NO_ANSWER else -1
-    return {
-        "item_id": row["id"], "qid": row["qid"], "title": row["title"], "context": row["context"],
-        "question": row["question"], "model_answer": model, "raw_output": row["raw_output"], "na_prob": row["na_prob"],
-        "highlight": [start, start + len(model)] if start >= 0 else None,
-        "run_dir": row["run_dir"], "stage": row["stage"],
-    }

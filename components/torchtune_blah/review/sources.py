@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
+from torchtune_blah.data.squad import NO_ANSWER
+from torchtune_blah.eval.folder import SETTINGS_FILE
 from torchtune_blah.eval.routing import review_key
 from torchtune_blah.prediction import REQUIRED, upgrade_row
 from torchtune_blah.resumable import read_json, read_jsonl_objects
@@ -85,7 +87,7 @@ def read_items(path: str) -> List[ReviewItem]:
     if not rows:
         raise SourceError(f"{path} holds no rows")
     # Rows of an earlier review_queue.jsonl name no run: the evaluation's settings beside it do.
-    settings_path = os.path.join(os.path.dirname(os.path.abspath(path)), "eval_settings.json")
+    settings_path = os.path.join(os.path.dirname(os.path.abspath(path)), SETTINGS_FILE)
     settings = None
     if os.path.isfile(settings_path):
         try:
@@ -117,3 +119,15 @@ def read_items(path: str) -> List[ReviewItem]:
             source_file=os.path.abspath(path),
             confidence=_field(row, "confidence", float, where) if "confidence" in row else None))
     return items
+
+
+def item_view(row) -> Dict[str, Any]:
+    """What the review page shows of an item."""
+    model = row["model_answer"]
+    start = row["context"].find(model) if model and model != NO_ANSWER else -1
+    return {
+        "item_id": row["id"], "qid": row["qid"], "title": row["title"], "context": row["context"],
+        "question": row["question"], "model_answer": model, "raw_output": row["raw_output"], "na_prob": row["na_prob"],
+        "highlight": [start, start + len(model)] if start >= 0 else None,
+        "run_dir": row["run_dir"], "stage": row["stage"],
+    }

@@ -5,7 +5,7 @@
 # real SQuAD 2.0 dev-set articles, calibrate the abstention threshold on its 4 validation articles,
 # then answer the same held-out questions (two other dev-set articles: Normans, Computational
 # complexity theory) with the base model, the trained one (greedy and calibrated) and always "?",
-# and print them side by side. About 15 minutes on 2 cores after the install.
+# and print them side by side. About 10 minutes on 2 cores after the install (the README has the measured time).
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]   (default: a new folder under /tmp/torchtune-blah)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -115,7 +115,9 @@ def test_abstention_scores_compare_abstaining_with_the_span():
     s = abstention_scores(0.3, np.log(0.1))
     assert s["abstain_vs_span"] == pytest.approx(0.3 / 0.4)
     assert "p_no" not in s and abstention_scores(0.3, -1.0, p_no=0.9)["p_no"] == 0.9
-    assert abstention_scores(0.0, 0.0)["abstain_vs_span"] >= 0.0  # no log(0)
+    # P(abstain) = 0 against a certain span: a finite score of about 0, no log(0) and no overflow
+    assert abstention_scores(0.0, 0.0)["abstain_vs_span"] == pytest.approx(0.0, abs=1e-12)
+    assert abstention_scores(1.0, -2000.0)["abstain_vs_span"] == pytest.approx(1.0)
 
 
 def _row(has_answer, span_right, score, greedy="?"):

@@ -41,12 +41,13 @@ from torchtune_blah.estimate import (CARDS_GB, CUDA_ALLOWANCE_GIB, GPU_PEAK_TFLO
                                      bnb_8bit_state_bytes, compiled_loss_memory, count_flops, fake_tensors,
                                      fewer_layers, format_table, gradient_bytes, is_bnb_8bit, measure,
                                      ShapesOnlyTokenizer, storage_bytes, tensors_without_device_on_meta)
-from torchtune_blah.generation import last_logits, last_position_only
-from torchtune_blah.model import adapter_parameter_names, build_model, set_num_output_chunks
+from torchtune_blah.generation import last_logits
+from torchtune_blah.model import adapter_parameter_names, build_model
 from torchtune_blah.pause import PAUSE_PARAM, as_pause_tokens
 from torchtune_blah.prompt_prefix import prompt_cut
 from torchtune_blah.recipe_config import check_phases
 from torchtune_blah.run_dir import PHASES
+from torchtune_blah.torchtune_patches import contiguous_output_chunks, unembed_last_position, uses_chunked_output
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -124,8 +125,8 @@ class BlahEstimateRecipe:
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(self._model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         self._loss_fn = config.instantiate(cfg.loss) if cfg.get("loss") else torch.nn.CrossEntropyLoss()
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            set_num_output_chunks(self._model, self._loss_fn.num_output_chunks)
+        if uses_chunked_output(self._loss_fn):
+            contiguous_output_chunks(self._model, self._loss_fn.num_output_chunks)
         self._adapter_names = [n.replace(_CHECKPOINT_PREFIX, "") for n in adapter_parameter_names(self._model)]
         self._vocab = self._model.tok_embeddings.num_embeddings
         self._num_layers = len(self._model.layers)
@@ -242,7 +243,7 @@ class BlahEstimateRecipe:
             real = torch.ones((batch_size, total), dtype=torch.bool, device=self._device)
             masks = get_causal_mask_from_padding_mask(real, target_seq_len=total)
             positions = get_position_ids_from_padding_mask(real)
-            with torch.inference_mode(), last_position_only(self._model), local_kv_cache(
+            with torch.inference_mode(), unembed_last_position(self._model), local_kv_cache(
                     self._model, batch_size=batch_size, device=self._device, dtype=self._dtype,
                     decoder_max_seq_len=total):
                 logits = last_logits(self._model(tokens, mask=masks[:, :prompt], input_pos=positions[:, :prompt]))

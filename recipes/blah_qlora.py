@@ -51,7 +51,7 @@ from torchtune_blah.config_schema import QLoRAConfig
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
-from torchtune_blah.model import adapter_parameter_names, lora_settings, set_num_output_chunks
+from torchtune_blah.model import adapter_parameter_names, lora_settings
 from torchtune_blah.parallel import SingleDevice
 from torchtune_blah.pause import (
     PAUSE_PARAM,
@@ -68,6 +68,7 @@ from torchtune_blah.recipe_config import (
     init_from_stage,
 )
 from torchtune_blah.run_dir import RunDir, phase_complete
+from torchtune_blah.torchtune_patches import contiguous_output_chunks, uses_chunked_output
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -174,8 +175,8 @@ class BlahQLoRARecipe(FTRecipeInterface):
             self._model, cfg.enable_activation_offloading)
 
         self._loss_fn = config.instantiate(cfg.loss)
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            set_num_output_chunks(self._model, self._loss_fn.num_output_chunks)  # contiguous chunks (why: there)
+        if uses_chunked_output(self._loss_fn):
+            contiguous_output_chunks(self._model, self._loss_fn.num_output_chunks)  # (why: torchtune_patches)
         self._dataset = config.instantiate(cfg.dataset, self._tokenizer, **self._pause_kwargs)
         self._packed = cfg.dataset.get("packed", False)
         self._collate = _get_component_from_path(cfg.collate_fn)

@@ -60,14 +60,15 @@ def test_shared_prefix_probe_and_span_logprob_match(model, tokenizer):
 
 
 def test_last_position_only_gives_the_full_outputs_last_logits(model, tokenizer):
-    from torchtune_blah.generation import last_logits, last_position_only
+    from torchtune_blah.generation import last_logits
+    from torchtune_blah.torchtune_patches import unembed_last_position
 
     records = load_squad_records("bundled_sample")[:3]
     prompts = [answer_prompt(tokenizer, r, PAUSE.sequence) for r in records]
     tokens = torch.tensor([p[:40] for p in prompts])
     with torch.no_grad():
         full = model(tokens)
-        with last_position_only(model):
+        with unembed_last_position(model):
             last = model(tokens)
         assert last.shape == (3, 1, full.shape[-1]) and torch.allclose(last[:, -1], last_logits(full), atol=1e-5)
         assert model(tokens).shape == full.shape  # the model unembeds every position again

@@ -7,7 +7,7 @@ from torchtune.data import padded_collate_sft
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from torchtune_blah.data.chat import squad_chat_dataset
-from torchtune_blah.model import set_num_output_chunks
+from torchtune_blah.torchtune_patches import contiguous_output_chunks
 from torchtune_blah.pause import PAUSE_PARAM, add_pause_embeddings, pause_tokens
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
 from torchtune_blah.tiny import TINY_VOCAB_SIZE, tiny_llama3
@@ -35,7 +35,7 @@ def test_pause_row_gradients_equal_the_full_backward_pass(tokenizer, style, chun
     pause = pause_tokens(num=5, vocab_size=TINY_VOCAB_SIZE)
     module = add_pause_embeddings(model, pause)
     if chunked:
-        set_num_output_chunks(model, 4)  # as the recipe does
+        contiguous_output_chunks(model, 4)  # as the recipe does
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(PAUSE_PARAM))
     data = squad_chat_dataset(tokenizer, source="bundled_sample", pause_tokens=pause, prompt_style=style,
@@ -44,9 +44,9 @@ def test_pause_row_gradients_equal_the_full_backward_pass(tokenizer, style, chun
     start = first_pause_position(batch["tokens"], pause)
     lengths = (batch["tokens"] != tokenizer.pad_id).sum(dim=1)
     assert 0.6 * int(lengths.min()) < start < int(lengths.min())  # most of the prompt is cut off
-    from torchtune_blah.prompt_prefix import _common_length
+    from torchtune_blah.generation import common_prefix_length
 
-    assert 0 < _common_length(batch["tokens"]) < start  # the shared system prompt runs once, at batch size 1
+    assert 0 < common_prefix_length(batch["tokens"].tolist()) < start  # the shared system prompt runs once, at batch size 1
 
     grads, losses = [], []
     for cut in (0, start):

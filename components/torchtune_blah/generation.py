@@ -21,14 +21,13 @@ and values into every row's cache, and pre-fills only the rest of each row (laid
 ``prefix | padding | rest``, the padding masked and skipped by the position ids, so every row
 sees exactly the positions it would see alone).
 
-Decoding reads one position's logits per row; ``last_position_only`` keeps the pre-fill from
+Decoding reads one position's logits per row; ``torchtune_patches.unembed_last_position`` keeps the pre-fill from
 projecting every prompt position onto the vocabulary (and upcasting those logits to fp32, as
 torchtune's decoder does) only to read the last.
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from torchtune.modules.common_utils import local_kv_cache
 
 from torchtune_blah.chat_format import chat_format
 from torchtune_blah.pause import NO_PAUSE, PauseTokens, mask_pause_logits
+from torchtune_blah.torchtune_patches import unembed_last_position
 
 
 def stop_token_ids(tokenizer, extra: Optional[Iterable[int]] = None) -> Set[int]:
@@ -112,12 +112,12 @@ def greedy_generate(
     prefix_kv = []
     if shared:  # once, at batch size 1
         with local_kv_cache(model, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=shared), \
-                last_position_only(model):
+                unembed_last_position(model):
             model(tokens[:1, :shared], mask=masks[:1, :shared, :shared], input_pos=positions[:1, :shared])
             prefix_kv = [(c.k_cache, c.v_cache) for c in kv_caches(model)]
     out = [Generation(tokens=[], stopped=False) for _ in prompts]
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total), \
-            last_position_only(model):
+            unembed_last_position(model):
         fill_prefix(model, prefix_kv, shared)
         logits = last_logits(model(tokens[:, shared:], mask=masks[:, shared:prompt_len],
                                    input_pos=positions[:, shared:prompt_len]))
@@ -137,22 +137,6 @@ def greedy_generate(
             pos = prompt_len + step
             logits = last_logits(model(next_ids[:, None], mask=masks[:, pos:pos + 1], input_pos=positions[:, pos:pos + 1]))
     return out
-
-
-@contextmanager
-def last_position_only(model: nn.Module) -> Iterator[None]:
-    """Within: the model unembeds only the last position of its input (the output's shape is [b, 1,
-    vocab], or chunks of it). Without it a pre-fill of 200 positions makes 200 x vocab fp32 logits
-    per row (SmolLM2: 39 MB) to read one row of them."""
-    unembed = getattr(model, "unembed", None)  # torchtune's TransformerDecoder: final norm + output
-    if unembed is None:
-        yield
-        return
-    model.unembed = lambda h: unembed(h[:, -1:].contiguous())  # contiguous: see model.set_num_output_chunks
-    try:
-        yield
-    finally:
-        del model.unembed  # the class's method again
 
 
 def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:

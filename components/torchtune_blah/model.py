@@ -40,27 +40,6 @@ def build_model(
     return model, pause_module
 
 
-def set_num_output_chunks(model: nn.Module, num_chunks: int) -> None:
-    """torchtune's ``model.set_num_output_chunks``, with each chunk made contiguous before the
-    output projection.
-
-    torchtune splits the last hidden state [b, s, d] along s; for b > 1 each chunk is a strided
-    view, which matmul cannot fold into one [b*c, d] matrix, so it runs a batched matmul over the
-    output weight broadcast to [b, d, vocab], and a CPU copies that broadcast weight first (4 x 576
-    x 49,152 numbers per chunk on SmolLM2 at batch 4; forward and backward, bf16, 2 CPU cores: 1.34 s
-    instead of 0.065 s for 44 positions, 1.53 s instead of 0.26 s for 366, ``python
-    benchmarks/output_chunks.py``). A contiguous chunk costs a copy of b x c x d numbers and gives the
-    same logits. torchtune 0.6.1's own recipes pay the copy.
-    """
-    model.set_num_output_chunks(num_chunks)
-
-    @torch.compiler.disable  # as torchtune's chunked_output
-    def chunked_output(last_hidden_state: torch.Tensor) -> list:
-        return [model.output(chunk.contiguous()) for chunk in last_hidden_state.chunk(model.num_output_chunks, dim=1)]
-
-    model.chunked_output = chunked_output  # an instance attribute: nothing enters the state dict
-
-
 def adapter_parameter_names(model: nn.Module) -> list:
     """Names of the LoRA/DoRA parameters."""
     return list(get_adapter_params(model))

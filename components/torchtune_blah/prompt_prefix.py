@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torchtune.modules import KVCache
 from torchtune.modules.common_utils import delete_kv_caches
 
-from torchtune_blah.generation import fill_prefix, kv_caches
+from torchtune_blah.generation import common_prefix_length, fill_prefix, kv_caches
 from torchtune_blah.pause import PauseTokens
+from torchtune_blah.torchtune_patches import prefix_kv_caches
 
 
 def first_pause_position(tokens: torch.Tensor, pause: PauseTokens) -> int:
@@ -33,25 +33,6 @@ def first_pause_position(tokens: torch.Tensor, pause: PauseTokens) -> int:
     if not bool(is_pause.any(dim=1).all()):
         return 0
     return int(is_pause.to(torch.int8).argmax(dim=1).min())
-
-
-class _PrefixKV(nn.Module):
-    """Stands in for an attention layer's ``KVCache`` in the autograd pass: the prompt's keys and
-    values (computed without autograd) in front of the new ones, concatenated, not written in
-    place (a ``KVCache`` writes through an index it then moves on, which autograd refuses)."""
-
-    def __init__(self, k_prefix: torch.Tensor, v_prefix: torch.Tensor):
-        super().__init__()
-        self.k_prefix, self.v_prefix = k_prefix, v_prefix
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        return torch.cat([self.k_prefix, k], dim=2), torch.cat([self.v_prefix, v], dim=2)
-
-
-def _common_length(tokens: torch.Tensor) -> int:
-    """How many leading positions every row shares."""
-    differs = (tokens != tokens[:1]).any(dim=0)
-    return int(differs.to(torch.int8).argmax()) if bool(differs.any()) else tokens.shape[1]
 
 
 def _layers(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -80,7 +61,7 @@ def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int,
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     # The rows' common beginning (the system prompt and instructions) runs once, at batch size 1.
     if shared is None:
-        shared = _common_length(tokens[:, :start]) if batch > 1 else 0
+        shared = common_prefix_length(tokens[:, :start].tolist()) if batch > 1 else 0
     shared = min(shared, start - 1) if batch > 1 else 0
     shared_kv = []
     if shared:
@@ -98,9 +79,7 @@ def prompt_cut(model: nn.Module, tokens: torch.Tensor, start: int,
         fill_prefix(model, shared_kv, shared)
         with torch.no_grad():
             _layers(model, tokens[:, shared:start], mask[:, shared:start, :start], positions[:, shared:start])
-        for module in model.modules():
-            if isinstance(getattr(module, "kv_cache", None), KVCache):
-                module.kv_cache = _PrefixKV(module.kv_cache.k_cache, module.kv_cache.v_cache)
+        prefix_kv_caches(model)  # (autograd runs on top of the prompt's keys and values)
         yield lambda: model(tokens[:, start:], mask=mask[:, start:], input_pos=positions[:, start:])
     finally:
         delete_kv_caches(model)

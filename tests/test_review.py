@@ -1,4 +1,6 @@
-"""The review tool: SQLite store, import/export, the web app's API under two concurrent reviewers."""
+"""The review tool: SQLite store, import/export, the web app's API under two concurrent reviewers.
+(Over 350 lines: the tool's rules end to end, on one set of fixtures; attacks and the random walk
+have their own files.)"""
 
 import json
 import os

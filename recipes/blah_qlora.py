@@ -84,6 +84,28 @@ class Config(QLoRAConfig):
     and reads them as ``self.cfg.my_flag``; a misspelt key is still refused, naming the nearest."""
 
 
+@dataclass
+class Phase:
+    """One phase's training state: set up by ``_train_phase``, advanced by ``_train_epoch``
+    (``step`` and ``epoch`` are where a checkpoint resumes)."""
+
+    name: str
+    dir: str
+    dataloader: StatefulDataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[Any]
+    trainable: Dict[str, torch.nn.Parameter]
+    accum: int
+    clip: Optional[float]
+    save_every: Optional[int]
+    total_steps: int
+    epochs: int
+    ignore_labels: torch.Tensor
+    cut_prompt: bool  # embed.backward_from_first_pause
+    step: int = 0
+    epoch: int = 0
+
+
 class TrainingStopped(RuntimeError):
     """A phase stopped on a non-finite loss; the last good checkpoint is kept."""
 
@@ -294,8 +316,6 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     def _train_phase(self, phase: str, phase_dir: str, pcfg: DictConfig) -> None:
         train_pause = phase == "embed" or bool(pcfg.train_pause_embeddings)
-        # Only the pause rows train: the prompt before the first pause id needs no backward pass.
-        self._cut_prompt = phase == "embed" and bool(pcfg.backward_from_first_pause)
         trainable = self._set_trainable(phase, train_pause)
         num_trainable = sum(p.numel() for p in trainable.values())  # a DTensor's numel is its global size
         detail = (f" ({len(self._pause.ids)} pause rows x {self._pause_module.embedding_dim})"
@@ -314,10 +334,14 @@ class BlahQLoRARecipe(FTRecipeInterface):
         optimizer = config.instantiate(pcfg.optimizer, list(trainable.values()))
         scheduler = (config.instantiate(pcfg.lr_scheduler, optimizer, num_training_steps=total_steps, last_epoch=-1)
                      if pcfg.lr_scheduler is not None else None)
-        clip, save_every = pcfg.clip_grad_norm, pcfg.save_every_n_steps
-        ignore_labels = torch.full((batch_size, 1), self._loss_fn.ignore_index, device=self._device)
+        ph = Phase(name=phase, dir=phase_dir, dataloader=dataloader, optimizer=optimizer, scheduler=scheduler,
+                   trainable=trainable, accum=accum, clip=pcfg.clip_grad_norm, save_every=pcfg.save_every_n_steps,
+                   total_steps=total_steps, epochs=epochs,
+                   ignore_labels=torch.full((batch_size, 1), self._loss_fn.ignore_index, device=self._device),
+                   # Only the pause rows train: the prompt before the first pause id needs no backward pass.
+                   cut_prompt=phase == "embed" and bool(pcfg.backward_from_first_pause))
 
-        step, epoch, restored_rng, dl_state = 0, 0, None, None
+        restored_rng, dl_state = None, None
         state = load_training_state(phase_dir) if self._resume else None
         if state is not None:
             for name, tensor in state["trainable"].items():
@@ -325,27 +349,14 @@ class BlahQLoRARecipe(FTRecipeInterface):
             self._parallel.load_optimizer_state(self._model, optimizer, state["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(state["lr_scheduler"])
-            step, epoch, dl_state, restored_rng = state["step"], state["epoch"], state["dataloader"], state["rng"]
-            self._info(f"{phase}: resuming at step {step} of {total_steps} (epoch {epoch + 1})")
-
-        def save_state(at_step: int, next_epoch: int, dataloader_state: Optional[Dict[str, Any]]) -> None:
-            # Gathering is collective: every rank takes part, rank 0 writes.
-            state = {
-                "phase": phase, "step": at_step, "epoch": next_epoch, "dataloader": dataloader_state,
-                "trainable": {n: self._parallel.full_tensor(p).cpu().clone() for n, p in trainable.items()},
-                "optimizer": self._parallel.optimizer_state(self._model, optimizer),
-                "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": self._parallel.rng_state(), "seed": self.seed, "world_size": self.world_size,
-            }
-            if self._is_rank_zero:
-                save_training_state(phase_dir, state)
-            self._parallel.barrier()
+            ph.step, ph.epoch, dl_state, restored_rng = state["step"], state["epoch"], state["dataloader"], state["rng"]
+            self._info(f"{phase}: resuming at step {ph.step} of {total_steps} (epoch {ph.epoch + 1})")
 
         # The embed phase trains the input side only: LoRA layers are switched off (not just frozen).
         adapters_off = disable_adapter(self._model) if phase == "embed" and self._adapter_names else nullcontext()
         with adapters_off:
-            while step < total_steps and epoch < epochs:
-                dataloader.sampler.set_epoch(epoch)
+            while ph.step < total_steps and ph.epoch < epochs:
+                dataloader.sampler.set_epoch(ph.epoch)
                 if dl_state is not None:
                     dataloader.load_state_dict(dl_state)
                     dl_state = None
@@ -353,19 +364,32 @@ class BlahQLoRARecipe(FTRecipeInterface):
                 if restored_rng is not None:  # after iter(): creating an iterator draws from the RNG
                     self._parallel.set_rng_state(restored_rng)
                     restored_rng = None
-                step = self._train_epoch(phase, phase_dir, batches, dataloader, optimizer, scheduler, trainable,
-                                         accum, clip, step, total_steps, epoch, ignore_labels, save_every,
-                                         save_state)
-                epoch += 1
-                if step < total_steps:
-                    save_state(step, epoch, None)
+                self._train_epoch(ph, batches)
+                ph.epoch += 1
+                if ph.step < total_steps:
+                    self._save_state(ph, None)
 
-        self._finish_phase(phase, phase_dir, step, num_trainable)
+        self._finish_phase(phase, phase_dir, ph.step, num_trainable)
 
-    def _train_epoch(self, phase, phase_dir, batches, dataloader, optimizer, scheduler, trainable, accum, clip,
-                     step, total_steps, epoch, ignore_labels, save_every, save_state) -> int:
-        pbar = tqdm(total=total_steps, initial=step, desc=f"{phase} epoch {epoch + 1}", dynamic_ncols=True,
+    def _save_state(self, ph: "Phase", dataloader_state: Optional[Dict[str, Any]]) -> None:
+        """A checkpoint at ``ph.step`` (resume goes on in ``ph.epoch``). Gathering is collective:
+        every rank takes part, rank 0 writes."""
+        state = {
+            "phase": ph.name, "step": ph.step, "epoch": ph.epoch, "dataloader": dataloader_state,
+            "trainable": {n: self._parallel.full_tensor(p).cpu().clone() for n, p in ph.trainable.items()},
+            "optimizer": self._parallel.optimizer_state(self._model, ph.optimizer),
+            "lr_scheduler": ph.scheduler.state_dict() if ph.scheduler is not None else None,
+            "rng": self._parallel.rng_state(), "seed": self.seed, "world_size": self.world_size,
+        }
+        if self._is_rank_zero:
+            save_training_state(ph.dir, state)
+        self._parallel.barrier()
+
+    def _train_epoch(self, ph: "Phase", batches) -> None:
+        """Steps of one epoch until it ends or the phase's last step; ``ph.step`` advances."""
+        pbar = tqdm(total=ph.total_steps, initial=ph.step, desc=f"{ph.name} epoch {ph.epoch + 1}", dynamic_ncols=True,
                     disable=not self._is_rank_zero)
+        optimizer, phase = ph.optimizer, ph.name
         # An epoch's leftover micro-batches (fewer than gradient_accumulation_steps) are
         # dropped, not carried into the next epoch's first step: resuming at an epoch
         # boundary then gives exactly the uninterrupted run.
@@ -377,12 +401,12 @@ class BlahQLoRARecipe(FTRecipeInterface):
             num_tokens += current_num_tokens
             # embed.backward_from_first_pause: the prompt before the first pause id runs without
             # autograd (torchtune_blah.prompt_prefix); the backward pass stays inside the cut.
-            start = first_pause_position(batch["tokens"], self._pause) if self._cut_prompt else 0
+            start = first_pause_position(batch["tokens"], self._pause) if ph.cut_prompt else 0
             with prompt_cut(self._model, batch["tokens"], start) as rest:
-                current_loss = self._loss_step(batch, ignore_labels, rest, start) * current_num_tokens
+                current_loss = self._loss_step(batch, ph.ignore_labels, rest, start) * current_num_tokens
                 running_loss += current_loss
                 current_loss.backward()
-            if (idx + 1) % accum != 0:
+            if (idx + 1) % ph.accum != 0:
                 continue
             # The step's loss and gradient are normalised by every rank's tokens together. FSDP2
             # averages gradients over ranks; the factor world_size undoes that (torchtune's way).
@@ -391,38 +415,37 @@ class BlahQLoRARecipe(FTRecipeInterface):
             loss_to_log = running_loss.item() / num_tokens
             if not math.isfinite(loss_to_log):
                 raise TrainingStopped(
-                    f"{phase}: the loss is {loss_to_log} at step {step + 1}; stopped before applying it. "
-                    f"The last good checkpoint in {phase_dir} is kept: lower the learning rate or check the "
+                    f"{phase}: the loss is {loss_to_log} at step {ph.step + 1}; stopped before applying it. "
+                    f"The last good checkpoint in {ph.dir} is kept: lower the learning rate or check the "
                     "data, then rerun with resume_from_checkpoint=true.")
             training.scale_grads(self._model, self.world_size / num_tokens)
-            if clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_norm=float(clip))
+            if ph.clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(ph.trainable.values()), max_norm=float(ph.clip))
                 grad_norm = self._parallel.full_tensor(grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
+            if ph.scheduler is not None:
+                ph.scheduler.step()
+            ph.step += 1
             pbar.update(1)
-            pbar.set_description(f"{phase} {epoch + 1}|{step}|Loss: {loss_to_log}")
-            if step % self._log_every_n_steps == 0:
+            pbar.set_description(f"{phase} {ph.epoch + 1}|{ph.step}|Loss: {loss_to_log}")
+            if ph.step % self._log_every_n_steps == 0:
                 seconds = time.perf_counter() - t0
                 metrics = {f"{phase}/loss": loss_to_log, f"{phase}/lr": optimizer.param_groups[0]["lr"],
                            f"{phase}/tokens_per_second_per_gpu": num_tokens / (seconds * self.world_size)}
-                if clip is not None:
+                if ph.clip is not None:
                     metrics[f"{phase}/grad_norm"] = grad_norm
                 if self._log_peak_memory_stats:
                     metrics.update({f"{phase}/{k}": v for k, v in training.get_memory_stats(self._device).items()})
-                self._log_metrics(metrics, step=step)
-            if self._validation is not None and step % self._validation.every_n_steps == 0:
-                self._validate(phase, step)
+                self._log_metrics(metrics, step=ph.step)
+            if self._validation is not None and ph.step % self._validation.every_n_steps == 0:
+                self._validate(phase, ph.step)
             running_loss, num_tokens, t0 = 0, 0, time.perf_counter()
-            if save_every and step % save_every == 0 and step < total_steps:
-                save_state(step, epoch, dataloader.state_dict())
-            if step >= total_steps:
+            if ph.save_every and ph.step % ph.save_every == 0 and ph.step < ph.total_steps:
+                self._save_state(ph, ph.dataloader.state_dict())
+            if ph.step >= ph.total_steps:
                 break
         pbar.close()
-        return step
 
     def _loss_step(self, batch: Dict[str, torch.Tensor], ignore_labels: torch.Tensor, rest=None,
                    start: int = 0) -> torch.Tensor:

@@ -45,8 +45,9 @@ def test_replay_mixes_a_seeded_sample_of_what_the_run_trained_on(fake_run):
                                                       "seed": 3}), tokenizer=None)
     assert weighted[:30] == corrections * 3 and len(weighted) == 40
     assert not {r.id for r in weighted[30:]} & {r.id for r in corrections}
-    alone = with_replay(corrections, check_replay({"from_run": None, "corrections_repeat": 2}), tokenizer=None)
-    assert alone == corrections * 2
+    # a first run (from_run null, the shipped configs without init_from): nothing repeated, nothing replayed
+    assert with_replay(corrections, check_replay({"from_run": None, "corrections_repeat": 2}), tokenizer=None) \
+        == corrections
 
 
 def test_replay_section_mistakes_name_the_key(tmp_path):
@@ -88,7 +89,8 @@ def test_shipped_configs_replay_from_init_from():
         cfg = OmegaConf.load(os.path.join(REPO, "configs", name))
         if "init_from" not in cfg:
             continue
-        assert OmegaConf.to_container(cfg.dataset.replay) == {"from_run": "${init_from}", "ratio": 1.0, "seed": 0}, name
+        assert OmegaConf.to_container(cfg.dataset.replay) == {"from_run": "${init_from}", "ratio": 1.0,
+                                                              "corrections_repeat": 2, "seed": 0}, name
         cfg.init_from = "/somewhere/run"
         assert cfg.dataset.replay.from_run == "/somewhere/run"
 

@@ -3,7 +3,7 @@
 Fine-tuning a run on a hundred corrections alone memorises them and costs accuracy elsewhere
 (``benchmarks/review_cycle.py``: -2 to -5 EM points on held-out questions). The standard guard in
 continual fine-tuning is replay: mix the new labels with a sample of the earlier training data.
-``squad_chat_dataset`` does it with two keys::
+``squad_chat_dataset`` does it with a ``replay`` section::
 
     dataset:
       source: json
@@ -11,10 +11,12 @@ continual fine-tuning is replay: mix the new labels with a sample of the earlier
       replay:
         from_run: ${init_from}   # the run being retrained: a sample of the questions it trained on
         ratio: 1.0               # replayed questions per correction
-        corrections_repeat: 1    # each correction this many times per epoch: weighs the corrections up
+        corrections_repeat: 2    # each correction this many times per epoch: weighs the corrections up
         seed: 0
 
-``from_run: null`` (the shipped configs' default when ``init_from`` is null) replays nothing. What a
+``from_run: null`` (the shipped configs' default when ``init_from`` is null) replays and repeats
+nothing: a first run trains on its data as it is. The defaults (ratio 1, each correction twice,
+with ``lora.epochs=2``) were chosen on validation articles: docs/review.md. What a
 run "trained on" is read from its own ``blah_config.yaml``: its dataset (built again, replay and all,
 so a chain of retrainings replays the corrections of earlier rounds too) in its sampler's order
 for the steps each of its phases took. Questions among the corrections are never replayed.
@@ -46,7 +48,7 @@ def check_replay(replay: Optional[Mapping[str, Any]]) -> Optional[dict]:
     if unknown:
         raise ReplayError(f"dataset.replay.{unknown[0]} is not a replay key; the keys are {REPLAY_KEYS}")
     out = {"from_run": replay.get("from_run"), "ratio": replay.get("ratio", 1.0),
-           "corrections_repeat": replay.get("corrections_repeat", 1), "seed": replay.get("seed", 0)}
+           "corrections_repeat": replay.get("corrections_repeat", 2), "seed": replay.get("seed", 0)}
     ratio = out["ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 0:
         raise ReplayError(f"dataset.replay.ratio={ratio!r}: give replayed questions per correction, a number >= 0 "
@@ -57,8 +59,8 @@ def check_replay(replay: Optional[Mapping[str, Any]]) -> Optional[dict]:
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ReplayError(f"dataset.replay.corrections_repeat={repeat!r}: give how many times each correction is "
                           "seen per epoch, an integer >= 1 (1: once)")
-    if out["from_run"] is None:
-        return None if repeat == 1 else out
+    if out["from_run"] is None:  # a first run (no init_from): its data as it is, nothing repeated or replayed
+        return None
     from torchtune_blah.run_dir import RunDir
 
     run = RunDir(str(out["from_run"]))
@@ -107,8 +109,6 @@ def with_replay(records: Sequence[SquadRecord], replay: Optional[Mapping[str, An
     if replay is None or not records:
         return out
     out = out * replay["corrections_repeat"]
-    if replay["from_run"] is None:
-        return out
     own = {r.id for r in records}
     candidates = [r for r in trained_records(replay["from_run"], tokenizer) if r.id not in own]
     count = int(round(replay["ratio"] * len(records)))

@@ -278,14 +278,15 @@ class BlahEvalRecipe:
 
 
 def _init_distributed(device: str) -> Tuple[int, int]:
-    """(world size, rank); joins the process group torchrun describes (gloo on CPU, nccl on GPU)."""
+    """(world size, rank); joins the process group torchrun describes (``parallel.init_process_group``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 1, 0
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo" if str(device) == "cpu" else "nccl")
+    from torchtune_blah.parallel import init_process_group
+
+    init_process_group(device)
     return dist.get_world_size(), dist.get_rank()
 
 

@@ -12,11 +12,10 @@
 
 import sys
 
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from torchtune_blah.parallel import FSDP2
+from torchtune_blah.parallel import FSDP2, init_process_group
 from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe, run_recipe
 
 
@@ -26,7 +25,7 @@ def recipe_main(cfg: DictConfig) -> None:
         raise RuntimeError("blah_qlora_distributed runs under a distributed launcher: "
                            "tune run --nproc_per_node N blah_qlora_distributed --config ... "
                            "(one GPU: tune run blah_qlora)")
-    dist.init_process_group("cuda:nccl,cpu:gloo" if str(cfg.device).startswith("cuda") else "gloo")
+    init_process_group(cfg.device)
     if cfg.get("fsdp_cpu_offload", False):
         training.set_torch_num_threads()  # the optimizer steps on the CPU: use its cores (torchtune's way)
     config.log_config(recipe_name="BlahQLoRARecipe (FSDP2)", cfg=cfg)

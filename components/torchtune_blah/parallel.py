@@ -31,6 +31,15 @@ from torchtune_blah.config_schema import ConfigError
 from torchtune_blah.model import adapter_parameter_names, build_model
 from torchtune_blah.pause import PAUSE_PARAM, PauseEmbedding, PauseTokens, add_pause_embeddings
 
+def init_process_group(device: Any) -> None:
+    """Join the process group torchrun describes, one rule for every recipe: NCCL for CUDA tensors
+    with gloo beside it for CPU ones (objects gathered, CPU offload), gloo alone on a CPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("cuda:nccl,cpu:gloo" if str(device).startswith("cuda") else "gloo")
+
+
 # start_from(pause_module, adapter_names) -> the adapter to start from, or None (the fresh one)
 StartFrom = Callable[[Optional[PauseEmbedding], List[str]], Optional[Dict[str, torch.Tensor]]]
 

@@ -52,7 +52,7 @@ from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
 from torchtune_blah.model import adapter_parameter_names, lora_settings
-from torchtune_blah.parallel import SingleDevice
+from torchtune_blah.parallel import Parallel, SingleDevice
 from torchtune_blah.pause import (
     PAUSE_PARAM,
     as_pause_tokens,
@@ -119,7 +119,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     schema = Config
 
-    def __init__(self, cfg: DictConfig, parallel: Optional[SingleDevice] = None) -> None:
+    def __init__(self, cfg: DictConfig, parallel: Optional[Parallel] = None) -> None:
         # The config read through the schema: a misspelt key fails here, naming it, before anything
         # is built; every key left out has the schema's default.
         self.cfg = cfg = check_keys(cfg, self.schema)

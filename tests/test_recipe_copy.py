@@ -73,3 +73,13 @@ def test_a_tune_cp_copy_adds_a_key_and_runs(tmp_path, tiny_base):
     # a misspelt key is still refused, naming the nearest one
     typo = tune("run", "my_recipe.py", "--config", "my_config.yaml", *overrides, "my_new_flg=1")
     assert typo.returncode != 0 and "did you mean my_new_flag" in typo.stdout + typo.stderr
+
+
+def test_single_device_and_fsdp2_each_implement_the_whole_protocol():
+    from torchtune_blah.parallel import FSDP2, Parallel, SingleDevice
+
+    wanted = [n for n, v in vars(Parallel).items() if not n.startswith("_") and callable(v)]
+    assert "build_model" in wanted and "all_reduce" in wanted
+    for cls in (SingleDevice, FSDP2):
+        assert cls.__mro__[1:] == (object,), cls  # side by side, no implementation inheritance
+        assert [n for n in wanted if n not in vars(cls)] == [], cls

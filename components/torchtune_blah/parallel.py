@@ -20,7 +20,7 @@ torchtune's ``lora_finetune_distributed`` does:
 """
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -42,6 +42,29 @@ def init_process_group(device: Any) -> None:
 
 # start_from(pause_module, adapter_names) -> the adapter to start from, or None (the fresh one)
 StartFrom = Callable[[Optional[PauseEmbedding], List[str]], Optional[Dict[str, torch.Tensor]]]
+
+
+class Parallel(Protocol):
+    """What the loop asks of "one device or N processes": the model built (and sharded), sums over
+    ranks, whole tensors, the optimizer and RNG parts of a checkpoint. ``SingleDevice`` and
+    ``FSDP2`` implement it side by side (no inheritance: each says all it does)."""
+
+    world_size: int
+    rank: int
+
+    def build_model(self, cfg: DictConfig, base_state_dict: Dict[str, Any], pause: PauseTokens, device, dtype,
+                    tokenizer: Any, seed: int, start_from: "StartFrom") -> Tuple[torch.nn.Module, Any]: ...
+    def all_reduce(self, value): ...
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def set_full_tensor(self, param: torch.nn.Parameter, value: torch.Tensor) -> None: ...
+    def barrier(self) -> None: ...
+    def optimizer_state(self, model, optimizer) -> Dict[str, Any]: ...
+    def load_optimizer_state(self, model, optimizer, state: Dict[str, Any]) -> None: ...
+    def rng_state(self) -> Any: ...
+    def set_rng_state(self, state: Any) -> None: ...
+    def full_model_state_dict(self, model) -> Dict[str, torch.Tensor]: ...
+    def answer(self, model, records: list, answer: Callable[[list], list]) -> list: ...
+    def cleanup(self) -> None: ...
 
 
 class SingleDevice:
@@ -101,7 +124,7 @@ class SingleDevice:
         pass
 
 
-class FSDP2(SingleDevice):
+class FSDP2:
     """FSDP2 over every process of ``tune run --nproc_per_node N`` (the process group is up)."""
 
     def __init__(self, cfg: DictConfig) -> None:

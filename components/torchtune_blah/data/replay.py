@@ -85,7 +85,9 @@ def trained_records(run_dir: str, tokenizer: Any) -> List[SquadRecord]:
     order = list(StatefulDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=run_cfg.get("shuffle", True),
                                             seed=run_cfg.seed))
     take = 0
-    for phase in run_cfg.phases:
+    from torchtune_blah.config_schema import QLoRAConfig
+
+    for phase in run_cfg.get("phases") or QLoRAConfig().phases:  # (a config that left phases out: the default)
         p = run_cfg[phase]
         per_step = p.batch_size * p.get("gradient_accumulation_steps", 1)
         steps = p.get("epochs", 1) * (len(order) // per_step)

@@ -28,16 +28,18 @@ def fake_run(tmp_path, monkeypatch):
 def test_replay_mixes_a_seeded_sample_of_what_the_run_trained_on(fake_run):
     run, seen = fake_run
     corrections = load_squad_records("bundled_sample")[35:45]  # 5 of them the run also trained on
-    mixed = with_replay(corrections, check_replay({"from_run": run, "ratio": 2.0, "seed": 3}), tokenizer=None)
+    assert check_replay({"from_run": run})["corrections_repeat"] == 2  # the default: each correction twice
+    once = {"corrections_repeat": 1}
+    mixed = with_replay(corrections, check_replay({"from_run": run, "ratio": 2.0, "seed": 3, **once}), tokenizer=None)
     assert mixed[:10] == corrections and len(mixed) == 30
     replayed = [r.id for r in mixed[10:]]
     assert len(set(replayed)) == 20 and set(replayed) <= {r.id for r in seen} - {r.id for r in corrections}
-    again = with_replay(corrections, check_replay({"from_run": run, "ratio": 2.0, "seed": 3}), tokenizer=None)
-    other = with_replay(corrections, check_replay({"from_run": run, "ratio": 2.0, "seed": 4}), tokenizer=None)
+    again = with_replay(corrections, check_replay({"from_run": run, "ratio": 2.0, "seed": 3, **once}), tokenizer=None)
+    other = with_replay(corrections, check_replay({"from_run": run, "ratio": 2.0, "seed": 4, **once}), tokenizer=None)
     assert [r.id for r in again] == [r.id for r in mixed] and [r.id for r in other] != [r.id for r in mixed]
-    half = with_replay(corrections, check_replay({"from_run": run, "ratio": 0.5}), tokenizer=None)
+    half = with_replay(corrections, check_replay({"from_run": run, "ratio": 0.5, **once}), tokenizer=None)
     assert len(half) == 15  # below 1: the corrections weigh more
-    everything = with_replay(corrections, check_replay({"from_run": run, "ratio": 10}), tokenizer=None)
+    everything = with_replay(corrections, check_replay({"from_run": run, "ratio": 10, **once}), tokenizer=None)
     assert len(everything) == 10 + 35  # asks for 100, the run trained on 35 others: all of them
     assert with_replay(corrections, check_replay({"from_run": None, "ratio": 2}), tokenizer=None) == corrections
     # corrections_repeat weighs the corrections up: each one k times, the replay still ratio x the distinct ones

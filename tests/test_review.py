@@ -437,12 +437,13 @@ def test_the_cycle_retrains_from_the_previous_run_on_exported_corrections(traine
         "embed.max_steps": 2, "lora.max_steps": 2, "model.lora_dropout": 0.0}))
     recipe = BlahQLoRARecipe(cfg)
     recipe.setup(cfg)
-    # the corrections, and as many questions the previous run trained on (the configs' replay: ratio 1)
+    # each correction twice, and as many questions the previous run trained on (the configs' replay:
+    # corrections_repeat 2, ratio 1)
     corrected = [json.loads(line)["id"] for line in open(corrections)]
     from torchtune_blah.data.replay import trained_records
     previous = {r.id for r in trained_records(trained_run, recipe._tokenizer)}
     ids = [r.id for r in recipe._dataset.records]
-    assert ids[:8] == corrected and len(ids) == 16 and set(ids[8:]) <= previous - set(corrected)
+    assert ids[:16] == corrected * 2 and len(ids) == 24 and set(ids[16:]) <= previous - set(corrected)
     # step 0: the previous run's pause rows and adapter, bit for bit
     previous_rows, _ = read_pause_embeddings(os.path.join(trained_run, "lora"))
     assert torch.equal(recipe._pause_module.pause_weight.detach(), previous_rows)

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     got = {q: (r["answers"][0]["text"] if r["answers"] else "?") for q, r in exported.items()}
     mismatched = sorted(q for q in expected if got.get(q) != expected[q])
     extra = sorted(set(got) - set(expected))
-    decisions = sum(1 for v in acknowledged.values())
+    decisions = len(acknowledged)
 
     def ms(values, q):
         values = sorted(values)

@@ -215,8 +215,7 @@ class ReviewDB:
     def _connection(self) -> Iterator[sqlite3.Connection]:
         conn = sqlite3.connect(self.path, timeout=self.busy_seconds, isolation_level=None)
         try:
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_seconds * 1000)}")
+            conn.row_factory = sqlite3.Row  # (connect's timeout is SQLite's busy timeout)
             conn.execute("PRAGMA foreign_keys=ON")
             yield conn
         except sqlite3.OperationalError as e:

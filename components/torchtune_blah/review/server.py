@@ -78,7 +78,7 @@ SECURITY_HEADERS = {
 
 
 def _error(e: ReviewError) -> JSONResponse:
-    headers = {"Retry-After": "2"} if e.status == 503 else None
+    headers = {"Retry-After": f"{BUSY_SECONDS:g}"} if e.status == 503 else None
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
@@ -107,9 +107,10 @@ class Guard:
                     if k.lower().encode() not in names]
             await send(message)
 
-        refusal = self._refusal(scope)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(scope["method"], headers)
         if refusal is None and scope["method"] in POST_METHODS:
-            body, refusal = await self._read_body(receive, int(self._headers(scope)["content-length"]))
+            body, refusal = await self._read_body(receive, int(headers["content-length"]))
             if refusal is None:
                 receive = _replay(body)
         if refusal is not None:
@@ -123,14 +124,9 @@ class Guard:
                     scope, receive, send_with_headers)
 
     @staticmethod
-    def _headers(scope) -> Dict[str, str]:
-        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-    @classmethod
-    def _refusal(cls, scope) -> Optional[Response]:
-        if scope["method"] not in POST_METHODS:
+    def _refusal(method: str, headers: Dict[str, str]) -> Optional[Response]:
+        if method not in POST_METHODS:
             return None
-        headers = cls._headers(scope)
         host = headers.get("host", "")
         origin = headers.get("origin")
         if origin is not None and origin not in (f"http://{host}", f"https://{host}"):

@@ -10,6 +10,8 @@ One command, the same model, tokenizer, data, seed and step count for every run,
 
   torchtune   lora_finetune_single_device, our dataset builder, no pause tokens
   lora        blah_qlora phases=[lora], no pause tokens (the same training)
+  lora_all    the same with logits_only_where_loss=false: every position unembedded (the previous
+              path, as torchtune does); lora_over_previous = lora / lora_all tokens/s
   embed       blah_qlora phases=[embed], 5 pause tokens, the full backward pass (before)
   embed_cut   the same with embed.backward_from_first_pause=true: the prompt before the first
               pause id runs without autograd (torchtune_blah.prompt_prefix)
@@ -24,7 +26,11 @@ Tokens/s is torchtune's own metric (tokens_per_second_per_gpu: supervised tokens
 median over the steps after the first 5 (warm-up). The runs see the same batches in the same
 order (shuffle off) with the same supervised tokens, so its ratios are inverse step-time ratios.
 Peak memory is the process's maximum RSS on CPU, torch's peak allocated memory on CUDA.
-Ends with one line: embed_step_over_lora_step=<embed_cut / lora step time> lora_over_torchtune=<tokens/s ratio>
+Share of peak (single process): the lora run's FLOPs per supervised token, counted with
+FlopCounterMode on the timed steps' own batches (benchmarks/machine_peak.py), x its tokens/s, over
+the bf16 matrix-product rate measured in the same command (`matmul_peak`).
+Ends with one line: embed_step_over_lora_step=<embed_cut / lora step time> lora_over_torchtune=<tokens/s
+ratio> lora_share_of_peak=<x> lora_over_previous=<r>
 """
 
 import argparse
@@ -79,11 +85,12 @@ def configs(out_root, steps, batch_size, device, dtype, model="smollm2", distrib
     theirs["metric_logger"] = dict(demo["metric_logger"], log_dir=os.path.join(theirs["output_dir"], "logs"))
     lora, embed = ours("lora", "lora", 0), ours("embed", "embed", 5, backward_from_first_pause=False)
     lora["save_adapter_weights_only"] = True
+    previous = dict(ours("lora_all", "lora", 0), save_adapter_weights_only=True, logits_only_where_loss=False)
     if distributed:
         return {"torchtune": ("lora_finetune_distributed", theirs), "lora": ("blah_qlora_distributed", lora),
                 "embed": ("blah_qlora_distributed", embed)}
     return {"torchtune": ("lora_finetune_single_device", theirs), "lora": ("blah_qlora", lora),
-            "embed": ("blah_qlora", embed),
+            "lora_all": ("blah_qlora", previous), "embed": ("blah_qlora", embed),
             "embed_cut": ("blah_qlora", ours("embed_cut", "embed", 5, backward_from_first_pause=True))}
 
 
@@ -147,6 +154,15 @@ def main():
             tokens_per_second = statistics.median(r["tokens_per_second_per_gpu"] for r in rows)
             peak = rows[-1].get("peak_memory_alloc") if args.device == "cuda" else rss
             results[name] = (tokens_per_second, peak)
+        share = None
+        if args.nproc == 1:
+            from machine_peak import lora_step_flops, matmul_peak
+
+            recipe, cfg = runs["lora"]
+            cfg = dict(cfg, output_dir=os.path.join(root, "lora_flops"))
+            flops, tokens = lora_step_flops(cfg, WARMUP, args.steps)
+            peak_rate = matmul_peak(device=args.device)
+            share = flops / tokens * results["lora"][0] / peak_rate
     unit = "GiB allocated" if args.device == "cuda" else "MiB max RSS"
     what = ("SmolLM2-135M-Instruct + LoRA (smollm2_135m_blah, bundled_pool train)" if args.model == "smollm2" else
             f"tiny Llama 3 ({TINY_MODEL_ARGS['num_layers']} layers, dim {TINY_MODEL_ARGS['embed_dim']}), NF4 + LoRA")
@@ -159,12 +175,23 @@ def main():
     tt, lora, embed = (results[k][0] for k in ("torchtune", "lora", "embed"))
     print(f"  ratio lora / torchtune tokens/s      = {lora / tt:.3f}  (target >= 0.95)")
     print(f"  ratio embed / lora step time         = {lora / embed:.3f}  (the full backward pass)")
+    previous = results["lora_all"][0] if "lora_all" in results else None
+    if previous:
+        print(f"  ratio lora / lora_all tokens/s       = {lora / previous:.3f}  (logits only where the loss is taken)")
+    if share is not None:
+        print(f"  lora: {flops / tokens / 1e9:.2f} GFLOP per supervised token x {lora:.1f} tokens/s = "
+              f"{flops / tokens * lora / 1e9:.1f} GFLOP/s; bf16 matmul peak {peak_rate / 1e9:.1f} GFLOP/s "
+              f"-> share {share:.3f}")
     line = f"lora_over_torchtune={lora / tt:.3f}"
     if "embed_cut" in results:
         cut = results["embed_cut"][0]
         print(f"  ratio embed_cut / lora step time     = {lora / cut:.3f}  (target <= 0.4)")
         print(f"  ratio embed_cut / embed step time    = {embed / cut:.3f}")
         line = f"embed_step_over_lora_step={lora / cut:.3f} " + line
+    if share is not None:
+        line += f" lora_share_of_peak={share:.3f}"
+    if previous:
+        line += f" lora_over_previous={lora / previous:.3f}"
     print(line)
 
 

@@ -13,9 +13,11 @@
 # The loop follows torchtune's lora_finetune_single_device step for step (same loss
 # normalisation, data order and RNG use), so with zero pause tokens both log the same losses
 # (tests/test_recipe_parity.py); across ranks it normalises by all ranks' tokens as
-# lora_finetune_distributed does (tests/test_distributed_training.py). What FSDP2 changes
-# (building and sharding the model, collectives, optimizer and RNG state) is the `parallel`
-# object handed to the recipe: torchtune_blah.parallel.SingleDevice or FSDP2.
+# lora_finetune_distributed does (tests/test_distributed_training.py). The model is set up here
+# (_setup_model), the same way on one device and on N: on the meta device, fresh values drawn from
+# the seed, then placed. What FSDP2 changes (placing = sharding + loading, collectives, optimizer
+# and RNG state) is the `parallel` object handed to the recipe: torchtune_blah.parallel.SingleDevice
+# or FSDP2.
 #
 # Outputs (blah_eval, blah_generate and blah_export read exactly this layout):
 #   output_dir/blah_config.yaml                     the resolved config of the run
@@ -39,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-from torchtune import config, training, utils
+from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune.data import padded_collate_packed
 from torchtune.modules.peft import disable_adapter, get_merged_lora_ckpt
@@ -51,10 +53,11 @@ from torchtune_blah.config_schema import QLoRAConfig
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
-from torchtune_blah.model import adapter_parameter_names, lora_settings
+from torchtune_blah.model import TOK_EMBEDDINGS, adapter_parameter_names, fresh_lora_weights, lora_settings
 from torchtune_blah.parallel import Parallel, SingleDevice
 from torchtune_blah.pause import (
     PAUSE_PARAM,
+    add_pause_embeddings,
     as_pause_tokens,
     load_pause_embeddings,
     read_matching_pause_rows,
@@ -68,7 +71,7 @@ from torchtune_blah.recipe_config import (
     init_from_stage,
 )
 from torchtune_blah.run_dir import RunDir, phase_complete
-from torchtune_blah.torchtune_patches import contiguous_output_chunks, uses_chunked_output
+from torchtune_blah.torchtune_patches import contiguous_output_chunks, unembed_positions, uses_chunked_output
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -142,6 +145,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._log_every_n_steps = cfg.log_every_n_steps
         self._log_peak_memory_stats = cfg.log_peak_memory_stats and self._device.type == "cuda"
         self._save_adapter_weights_only = cfg.save_adapter_weights_only
+        self._logits_only_where_loss = cfg.logits_only_where_loss
         self._phase_cfgs = {phase: cfg[phase] for phase in self._phases}
         if "embed" in self._phases and cfg.embed.backward_from_first_pause and (
                 self.world_size > 1 or cfg.dataset.get("packed", False)):
@@ -185,9 +189,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._staging_dir = self._run.staging_dir
         self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=self._staging_dir)
         base_state_dict = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        self._model, self._pause_module = self._parallel.build_model(
-            cfg, base_state_dict, self._pause, self._device, self._dtype, tokenizer=self._tokenizer, seed=self.seed,
-            start_from=partial(self._start_from_files, cfg))
+        self._model, self._pause_module = self._setup_model(cfg, base_state_dict)
         del base_state_dict
         # By state-dict names: activation checkpointing puts its wrapper into named_parameters()
         self._adapter_names = [n.replace(_CHECKPOINT_PREFIX, "") for n in adapter_parameter_names(self._model)]
@@ -207,6 +209,39 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._info(f"{type(self).__name__}: phases {self._phases}, {len(self._dataset)} training samples, "
                    f"{self._pause.num} pause tokens {list(self._pause.names)[:5]} ({self._pause.mode} ids "
                    f"{list(self._pause.ids)[:5]}), {self.world_size} process(es)")
+
+    def _setup_model(self, cfg: Config, base_state_dict: Dict[str, torch.Tensor]):
+        """The model and its pause module, the same way on one device and under FSDP2.
+
+        Built on the meta device (no memory, no random draws); the fresh LoRA weights and pause rows
+        are drawn on the CPU from ``seed`` (torchtune's distributed recipe draws per rank, its
+        single-device one interleaves them with the base weights' throwaway init), so one GPU and any
+        number of them start from the same values, and the training RNG stream (LoRA dropout)
+        starts at the seed; files named by the config replace them; then ``parallel.place`` loads
+        everything onto the device (FSDP2: shards first, each rank loads its part).
+        """
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        if any(hasattr(m, "magnitude") for m in model.modules()):
+            raise ConfigError("model: DoRA layers are not supported by blah_qlora (their magnitude is set from "
+                              "the loaded base weights, a step this recipe does not take); use LoRA (use_dora: false)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            adapter = fresh_lora_weights(model, self._dtype)
+            pause_module = add_pause_embeddings(model, self._pause, tokenizer=self._tokenizer,
+                                                table=base_state_dict[TOK_EMBEDDINGS], **dict(cfg.pause_init or {}))
+        adapter = self._start_from_files(cfg, pause_module, list(adapter)) or adapter
+        # Everything that may train, trains (FSDP2 shards NF4 weights only when frozen); each phase
+        # then narrows it (_set_trainable).
+        may_train = set(adapter) | ({PAUSE_PARAM} if pause_module is not None else set())
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in may_train)
+        if cfg.compile:
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if cfg.enable_activation_checkpointing:
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        self._parallel.place(model, {**base_state_dict, **adapter}, self._device, self._dtype)
+        return model, pause_module
 
     def _start_from_files(self, cfg: DictConfig, pause_module, adapter_names) -> Optional[Dict[str, torch.Tensor]]:
         """``pause_embeddings_path`` or ``init_from``: pause rows loaded into ``pause_module`` (whole
@@ -449,11 +484,16 @@ class BlahQLoRARecipe(FTRecipeInterface):
 
     def _loss_step(self, batch: Dict[str, torch.Tensor], ignore_labels: torch.Tensor, rest=None,
                    start: int = 0) -> torch.Tensor:
+        # Shift: position i predicts token i+1 (same as torchtune's recipes); rest: positions start: only.
         labels = batch.pop("labels")
-        with self._activations_ctx:
-            logits = rest() if rest is not None else self._model(**batch)  # rest: positions start: only
-        # Shift: position i predicts token i+1 (same as torchtune's recipes).
         labels = torch.hstack((labels[..., 1:], ignore_labels[: labels.shape[0]]))[:, start:]
+        # logits_only_where_loss: the output projection (and its backward) for the reply's positions
+        # only, the same loss (torchtune_blah.torchtune_patches.unembed_positions says why).
+        keep = labels != self._loss_fn.ignore_index if self._logits_only_where_loss else None
+        with self._activations_ctx, unembed_positions(self._model, keep) if keep is not None else nullcontext():
+            logits = rest() if rest is not None else self._model(**batch)
+        if keep is not None:
+            labels = labels[keep].unsqueeze(0)
         if not isinstance(logits, list):
             labels = labels.reshape(-1)
             logits = logits.reshape(-1, logits.size(-1))

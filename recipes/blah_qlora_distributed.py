@@ -3,11 +3,11 @@
 #   tune run --nproc_per_node 2 blah_qlora_distributed --config llama3_8b_blah_2gpu
 #
 # The same loop, keys, outputs and resume as blah_qlora: this file starts the process group and
-# hands blah_qlora's recipe an FSDP2 object (torchtune_blah.parallel.FSDP2), which builds the
-# model on the meta device, shards it (one unit per transformer layer, per custom_sharded_layers
-# entry, and the root), loads each rank's shards, and does the collectives; each rank reads every
-# world_size-th sample, and rank 0 writes every file. To change the loop, `tune cp blah_qlora`:
-# your copy runs under `tune run --nproc_per_node N my_recipe.py` once its recipe_main does
+# hands blah_qlora's recipe an FSDP2 object (torchtune_blah.parallel.FSDP2): the recipe sets the
+# model up on the meta device as on one GPU, the object shards it (one unit per transformer layer,
+# per custom_sharded_layers entry, and the root), loads each rank's shards, and does the
+# collectives; each rank reads every world_size-th sample, and rank 0 writes every file. To
+# change the loop, `tune cp blah_qlora`: your copy runs under `tune run --nproc_per_node N my_recipe.py` once its recipe_main does
 # what this one does.
 
 import sys

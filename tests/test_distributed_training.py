@@ -1,9 +1,10 @@
 """blah_qlora_distributed under `tune run --nproc_per_node N` on CPU (gloo, FSDP2).
 
-2 ranks x batch b must train like 1 rank x batch 2b, up to float summation order (the
-unquantized LoRA path, tied output: torchao's NF4 cannot be FSDP2-sharded over a single
-rank), and like blah_qlora with batch 2b on the NF4 (QLoRA) path when both start from the
-same adapter; a rank killed mid-phase and resumed must end where an uninterrupted run ends.
+2 ranks x batch b must train like 1 rank x batch 2b and like blah_qlora (one device) with
+batch 2b, up to float summation order (the unquantized LoRA path, tied output: torchao's NF4
+cannot be FSDP2-sharded over a single rank; from a fresh start: both recipes build the model
+alike), and like blah_qlora with batch 2b on the NF4 (QLoRA) path; a rank killed mid-phase
+and resumed must end where an uninterrupted run ends.
 """
 
 import os
@@ -35,9 +36,11 @@ def _command(out, tiny_base, nproc, **extra):
             *fast_overrides(out, tiny_base, **settings)]
 
 
-def _train(out, tiny_base, nproc, cwd, **extra):
-    result = subprocess.run(_command(out, tiny_base, nproc, **extra), cwd=cwd, capture_output=True, text=True,
-                            timeout=600, env=ENV)
+def _train(out, tiny_base, nproc, cwd, single_device=False, **extra):
+    command = _command(out, tiny_base, nproc, **extra)
+    if single_device:  # the same run under `tune run blah_qlora`
+        command = [TUNE, "run", "blah_qlora", *command[command.index("--config"):]]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -76,10 +79,14 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path, tiny_base)
     tied_base = dict(tiny_base, checkpoint_dir=write_tiny_hf_checkpoint(str(tmp_path / "tied_base"),
                                                                         tie_word_embeddings=True))
     settings = {"model.quantize_base": False, "model.tie_word_embeddings": True, "model.apply_lora_to_output": False}
-    two, one = tmp_path / "two_ranks", tmp_path / "one_rank"
+    two, one, single = tmp_path / "two_ranks", tmp_path / "one_rank", tmp_path / "single_device"
     _train(two, tied_base, 2, tmp_path, **settings, **{"embed.batch_size": 2, "lora.batch_size": 2})
     _train(one, tied_base, 1, tmp_path, **settings, **{"embed.batch_size": 4, "lora.batch_size": 4})
     _assert_same_run(two, one)
+    # blah_qlora builds and initialises the model the same way: from a fresh start, the same run
+    _train(single, tied_base, 1, tmp_path, single_device=True, **settings,
+           **{"embed.batch_size": 4, "lora.batch_size": 4})
+    _assert_same_run(two, single)
     # the same artifacts as blah_qlora writes
     for name in ("adapter_config.json", "adapter_model.pt", "pause_embeddings.safetensors", "phase_complete.json"):
         assert (two / "lora" / name).exists(), name
@@ -87,9 +94,9 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path, tiny_base)
 
 
 def test_qlora_two_ranks_match_blah_qlora_from_the_same_start(tmp_path, tiny_base, trained_run, monkeypatch):
-    """NF4 base: FSDP2 over 2 ranks (batch 2) vs the single-device recipe (batch 4). Fresh LoRA
-    weights are drawn differently by the two recipes, so both start from a finished run (init_from).
-    In-training validation (each rank answers half the held-out questions) logs the same scores."""
+    """NF4 base: FSDP2 over 2 ranks (batch 2) vs the single-device recipe (batch 4), both from a
+    finished run (init_from), so that in-training validation has answers to score: each rank answers
+    half the held-out questions, and the scores logged are the same."""
     from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
     # small learning rates: the model stays near the trained run, so validation has answers to score

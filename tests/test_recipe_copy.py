@@ -79,7 +79,7 @@ def test_single_device_and_fsdp2_each_implement_the_whole_protocol():
     from torchtune_blah.parallel import FSDP2, Parallel, SingleDevice
 
     wanted = [n for n, v in vars(Parallel).items() if not n.startswith("_") and callable(v)]
-    assert "build_model" in wanted and "all_reduce" in wanted
+    assert "place" in wanted and "all_reduce" in wanted
     for cls in (SingleDevice, FSDP2):
         assert cls.__mro__[1:] == (object,), cls  # side by side, no implementation inheritance
         assert [n for n in wanted if n not in vars(cls)] == [], cls

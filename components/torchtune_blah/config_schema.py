@@ -95,6 +95,7 @@ class QLoRAConfig:  # blah_qlora and blah_qlora_distributed
     enable_activation_checkpointing: bool = False
     enable_activation_offloading: bool = False
     compile: bool = False
+    logits_only_where_loss: bool = True  # blah_qlora: output projection only where the loss is taken
     collate_fn: str = "torchtune.data.padded_collate_sft"
     log_every_n_steps: int = 1
     log_peak_memory_stats: bool = False

@@ -40,6 +40,35 @@ def build_model(
     return model, pause_module
 
 
+TOK_EMBEDDINGS = "tok_embeddings.weight"  # the base embedding table, by its state-dict name
+
+
+def fresh_lora_weights(model: nn.Module, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Every LoRA layer's initial A and B (torchtune's own ``initialize_parameters``), drawn on the
+    CPU from the global RNG, layer by layer in module order: the same values on any device and for
+    any number of processes.
+
+    ``model`` is on the meta device (blah_qlora builds there): each layer's A/B are materialised,
+    initialised, copied out and put back on meta, where the recipe's loading finds them.
+    """
+    weights = {}
+    with training.set_default_dtype(dtype):
+        for name, m in model.named_modules():
+            if not (hasattr(m, "lora_a") and hasattr(m, "initialize_parameters")):
+                continue
+            m.lora_a.to_empty(device="cpu")
+            m.lora_b.to_empty(device="cpu")
+            m.initialize_parameters()
+            weights[f"{name}.lora_a.weight"] = m.lora_a.weight.detach().clone()
+            weights[f"{name}.lora_b.weight"] = m.lora_b.weight.detach().clone()
+            m.lora_a.to_empty(device="meta")
+            m.lora_b.to_empty(device="meta")
+    expected = set(adapter_parameter_names(model))
+    if set(weights) != expected:
+        raise RuntimeError(f"LoRA layers not understood: {sorted(expected ^ set(weights))[:3]}")
+    return weights
+
+
 def adapter_parameter_names(model: nn.Module) -> list:
     """Names of the LoRA/DoRA parameters."""
     return list(get_adapter_params(model))

@@ -1,35 +1,33 @@
 """What FSDP2 changes in blah_qlora's loop, as one object handed to it: ``SingleDevice`` or ``FSDP2``.
 
-The loop (recipes/blah_qlora.py) is the same on one device and on N processes; it asks this
-object to build the model, to sum over ranks, to gather a whole tensor, and for the optimizer
-and RNG parts of a checkpoint. ``SingleDevice`` does the plain thing; ``FSDP2`` does what
-torchtune's ``lora_finetune_distributed`` does:
+The loop (recipes/blah_qlora.py) is the same on one device and on N processes, and so is the
+model's setup (the recipe's ``_setup_model``: built on the meta device, fresh LoRA weights and
+pause rows drawn on the CPU from ``seed``, so every device and any number of ranks start from
+the same values). The recipe asks this object to place that model's values (``place``), to sum
+over ranks, to gather a whole tensor, and for the optimizer and RNG parts of a checkpoint.
+``SingleDevice`` does the plain thing; ``FSDP2`` does what torchtune's ``lora_finetune_distributed``
+does:
 
-- the model is built on the meta device and sharded (``training.shard_model``: one unit per
-  transformer layer, one per ``custom_sharded_layers`` entry, and the root), then every rank
-  loads its shards of the base checkpoint;
+- the model is sharded (``training.shard_model``: one unit per transformer layer, one per
+  ``custom_sharded_layers`` entry, and the root), then every rank loads its shards of the base
+  checkpoint and of the adapter;
 - the pause rows are sharded like every other parameter, not kept apart: one engine reduces
   every gradient, and clipping, optimizer state and checkpoints need no special case (5 x 8,192
   numbers on a 70B model);
-- fresh LoRA weights and the initial pause rows are drawn on the CPU from ``seed``, not from
-  torchtune's per-rank seed (seed + rank), so every rank, and any number of ranks, start from
-  the same values (2 ranks x batch b train like 1 rank x batch 2b:
-  tests/test_distributed_training.py);
 - in-training validation gathers the whole model on every GPU while the ranks answer their
-  share of the questions. Not supported: DoRA.
+  share of the questions.
 """
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Protocol
 
 import torch
 from omegaconf import DictConfig
-from torchtune import config, modules, training
+from torchtune import training
+from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 
 from torchtune_blah.checkpointing import rng_state, set_rng_state
 from torchtune_blah.config_schema import ConfigError
-from torchtune_blah.model import adapter_parameter_names, build_model
-from torchtune_blah.pause import PAUSE_PARAM, PauseEmbedding, PauseTokens, add_pause_embeddings
 
 def init_process_group(device: Any) -> None:
     """Join the process group torchrun describes, one rule for every recipe: NCCL for CUDA tensors
@@ -40,20 +38,15 @@ def init_process_group(device: Any) -> None:
         dist.init_process_group("cuda:nccl,cpu:gloo" if str(device).startswith("cuda") else "gloo")
 
 
-# start_from(pause_module, adapter_names) -> the adapter to start from, or None (the fresh one)
-StartFrom = Callable[[Optional[PauseEmbedding], List[str]], Optional[Dict[str, torch.Tensor]]]
-
-
 class Parallel(Protocol):
-    """What the loop asks of "one device or N processes": the model built (and sharded), sums over
-    ranks, whole tensors, the optimizer and RNG parts of a checkpoint. ``SingleDevice`` and
+    """What the loop asks of "one device or N processes": the model's values placed (and sharded),
+    sums over ranks, whole tensors, the optimizer and RNG parts of a checkpoint. ``SingleDevice`` and
     ``FSDP2`` implement it side by side (no inheritance: each says all it does)."""
 
     world_size: int
     rank: int
 
-    def build_model(self, cfg: DictConfig, base_state_dict: Dict[str, Any], pause: PauseTokens, device, dtype,
-                    tokenizer: Any, seed: int, start_from: "StartFrom") -> Tuple[torch.nn.Module, Any]: ...
+    def place(self, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], device, dtype) -> None: ...
     def all_reduce(self, value): ...
     def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def set_full_tensor(self, param: torch.nn.Parameter, value: torch.Tensor) -> None: ...
@@ -72,18 +65,24 @@ class SingleDevice:
 
     world_size, rank = 1, 0
 
-    def build_model(self, cfg: DictConfig, base_state_dict: Dict[str, Any], pause: PauseTokens, device, dtype,
-                    tokenizer: Any, seed: int, start_from: StartFrom) -> Tuple[torch.nn.Module, Any]:
-        model, pause_module = build_model(cfg.model, base_state_dict, pause, device, dtype,
-                                          pause_init=cfg.get("pause_init"), tokenizer=tokenizer)
-        adapter = start_from(pause_module, adapter_parameter_names(model))
-        if adapter:
-            model.load_state_dict(adapter, strict=False)
-        if cfg.get("compile", False):
-            training.compile_model(model)
-        if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        return model, pause_module
+    def place(self, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], device, dtype) -> None:
+        """Give the meta-device ``model`` the values of ``state_dict`` (the base checkpoint and the
+        adapter, whole tensors) on ``device``; NF4 weights are quantized as they arrive, like
+        torchtune's ``load_from_full_model_state_dict`` does for FSDP2's shards."""
+        placed, meta = {}, _meta_tensors(model)
+        unexpected = [name for name in state_dict if name not in meta]
+        for name, value in state_dict.items():
+            like = meta.get(name)
+            if like is None:
+                continue
+            value = value.to(device=device, dtype=like.dtype)
+            if isinstance(like, NF4Tensor):
+                value = to_nf4(value, block_size=like.block_size, scaler_block_size=like.scaler_block_size)
+            placed[name] = torch.nn.Parameter(value, requires_grad=like.requires_grad) if isinstance(
+                like, torch.nn.Parameter) else value
+        model.load_state_dict(placed, strict=False, assign=True)
+        _check_loaded(model, unexpected)
+        _materialise_the_rest(model, device, dtype)
 
     def all_reduce(self, value):
         """Sum over ranks."""
@@ -142,26 +141,9 @@ class FSDP2:
         self._reshard_after_forward = bool(cfg.get("fsdp_reshard_after_forward", True))
         self._custom_sharded_layers = cfg.get("custom_sharded_layers", None)
 
-    def build_model(self, cfg, base_state_dict, pause, device, dtype, tokenizer, seed, start_from):
-        with training.set_default_dtype(dtype), torch.device("meta"):
-            model = config.instantiate(cfg.model)
-        if any(hasattr(m, "magnitude") for m in model.modules()):
-            raise ConfigError("model: DoRA layers are not supported by blah_qlora_distributed; use LoRA")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            adapter = _fresh_lora_weights(model, dtype)
-            pause_module = add_pause_embeddings(model, pause, tokenizer=tokenizer, table=base_state_dict[TOK_EMBEDDINGS],
-                                                **dict(cfg.get("pause_init") or {}))
-        # Files that replace the fresh values are read before sharding, into whole tensors.
-        adapter = start_from(pause_module, adapter_parameter_names(model)) or adapter
-        # FSDP2 shards NF4 weights only when they are frozen; each phase then sets what trains.
-        trainable = set(adapter_parameter_names(model)) | ({PAUSE_PARAM} if pause_module is not None else set())
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in trainable)
-        if cfg.get("compile", False):
-            training.compile_model(model, verbose=self.rank == 0)
-        if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    def place(self, model, state_dict, device, dtype):
+        """Shard the meta-device ``model`` (FSDP2 shards NF4 weights only when they are frozen: the
+        recipe has set what trains), then every rank loads its shards of ``state_dict``."""
         training.shard_model(
             model=model,
             shard_conditions=[partial(training.get_shard_conditions, names_to_match=self._custom_sharded_layers)],
@@ -172,15 +154,12 @@ class FSDP2:
             for m in model.modules():
                 if hasattr(m, "rope_init"):
                     m.rope_init()
-        missing, unexpected = training.load_from_full_model_state_dict(
-            model, {**base_state_dict, **adapter}, device, cpu_offload=self._cpu_offload)
-        if missing or unexpected:
-            raise RuntimeError(f"the base checkpoint does not fit model._component_ {cfg.model._component_}: "
-                               f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        _, unexpected = training.load_from_full_model_state_dict(
+            model, dict(state_dict), device, cpu_offload=self._cpu_offload)
+        _check_loaded(model, unexpected)
         training.validate_no_params_on_meta_device(model)
         self._dist.barrier()
         self._device = device
-        return model, pause_module
 
     def all_reduce(self, value):
         self._dist.all_reduce(value)
@@ -253,28 +232,37 @@ class FSDP2:
         self._dist.destroy_process_group()
 
 
-TOK_EMBEDDINGS = "tok_embeddings.weight"
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, in named_parameters()
 
 
-def _fresh_lora_weights(model: torch.nn.Module, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Every LoRA layer's initial A and B (torchtune's own init), drawn on the CPU.
+def _meta_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's parameters and buffers by their state-dict names (no ``model.state_dict()``:
+    torchtune's QLoRA builders hook it to dequantize NF4 weights, which a meta tensor cannot)."""
+    tensors = dict(model.named_buffers())
+    tensors.update(model.named_parameters())
+    return {name.replace(_CHECKPOINT_PREFIX, ""): t for name, t in tensors.items()}
 
-    The layers are on the meta device: their A/B are materialised one at a time,
-    initialised, copied out and put back on meta, where FSDP2 finds them.
-    """
-    weights = {}
-    with training.set_default_dtype(dtype):
-        for name, m in model.named_modules():
-            if not (hasattr(m, "lora_a") and hasattr(m, "initialize_parameters")):
-                continue
-            m.lora_a.to_empty(device="cpu")
-            m.lora_b.to_empty(device="cpu")
-            m.initialize_parameters()
-            weights[f"{name}.lora_a.weight"] = m.lora_a.weight.detach().clone()
-            weights[f"{name}.lora_b.weight"] = m.lora_b.weight.detach().clone()
-            m.lora_a.to_empty(device="meta")
-            m.lora_b.to_empty(device="meta")
-    expected = set(adapter_parameter_names(model))
-    if set(weights) != expected:
-        raise RuntimeError(f"LoRA layers not understood: {sorted(expected ^ set(weights))[:3]}")
-    return weights
+
+def _check_loaded(model: torch.nn.Module, unexpected) -> None:
+    """Every parameter still on the meta device must be one the files do not hold; nothing unknown."""
+    still_meta = [n for n, t in _meta_tensors(model).items() if t.is_meta and isinstance(t, torch.nn.Parameter)]
+    if still_meta or unexpected:
+        raise RuntimeError(f"the base checkpoint does not fit model._component_: no values for {still_meta[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")
+
+
+def _materialise_the_rest(model: torch.nn.Module, device, dtype) -> None:
+    """What no file holds: the pause rows and their id buffers (made on the CPU) go to ``device``,
+    and the RoPE caches (non-persistent buffers, on meta) are computed there."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and not t.is_meta and t.device != device:
+                    store[name] = (torch.nn.Parameter(t.to(device), requires_grad=t.requires_grad)
+                                   if isinstance(t, torch.nn.Parameter) else t.to(device))
+        if hasattr(module, "rope_init"):
+            with training.set_default_dtype(dtype), device:
+                module.rope_init()
+    on_meta = [n for n, t in _meta_tensors(model).items() if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"left on the meta device after loading: {on_meta[:5]}")

@@ -9,6 +9,7 @@ that says which patch and which version, instead of changing something it does n
 - ``contiguous_output_chunks``: ``chunked_output`` with each chunk made contiguous before the
   output projection (CEWithChunkedOutputLoss; 20x faster on a CPU at batch 4: why, below).
 - ``unembed_last_position``: ``unembed`` of the last position only, while answering.
+- ``unembed_positions``: ``unembed`` of the positions the loss is taken on only, while training.
 - ``prefix_kv_caches``: each attention layer's ``kv_cache`` replaced by a prefix that autograd
   can run on top of (the embed phase's prompt cut, ``torchtune_blah.prompt_prefix``).
 """
@@ -83,6 +84,26 @@ def unembed_last_position(model: nn.Module) -> Iterator[None]:
     check_torchtune("unembed_last_position")
     unembed = model.unembed  # TransformerDecoder.unembed: final norm + output projection
     model.unembed = lambda h: unembed(h[:, -1:].contiguous())  # contiguous: see contiguous_output_chunks
+    try:
+        yield
+    finally:
+        del model.unembed  # the class's method again
+
+
+@contextmanager
+def unembed_positions(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Within: the model unembeds (final norm + output projection) only the positions where ``keep``
+    ([b, s] bool, s the positions the forward returns) is true, gathered into one row: the output is
+    [1, n, vocab], or chunks of it, for the n kept positions in row-major order (``labels[keep]``).
+
+    The loss is taken on the reply only (~25 of ~375 positions in the SmolLM2 demo's batches);
+    unembedding every position costs the output projection and its backward for all of them
+    (49,152 x 576 on SmolLM2: a fifth of the forward; 128,256 x 4,096 on Llama 3 8B), and a [b, s,
+    vocab] fp32 logits tensor (Llama 3 8B at 4,096 tokens: 2 GiB per sequence) that the loss
+    reads only ~7% of. The norm is per position, so the kept positions' logits are the same."""
+    model = _decoder(model, "unembed_positions")
+    unembed = model.unembed
+    model.unembed = lambda h: unembed(h[keep].unsqueeze(0))  # a gather: contiguous, one row
     try:
         yield
     finally:

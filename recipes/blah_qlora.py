@@ -71,7 +71,12 @@ from torchtune_blah.recipe_config import (
     init_from_stage,
 )
 from torchtune_blah.run_dir import RunDir, phase_complete
-from torchtune_blah.torchtune_patches import contiguous_output_chunks, unembed_positions, uses_chunked_output
+from torchtune_blah.torchtune_patches import (
+    contiguous_output_chunks,
+    rms_norm_fp32_weight,
+    unembed_positions,
+    uses_chunked_output,
+)
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -241,6 +246,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         self._parallel.place(model, {**base_state_dict, **adapter}, self._device, self._dtype)
+        rms_norm_fp32_weight(model)  # the fused kernel, the same output (torchtune_patches says why)
         return model, pause_module
 
     def _start_from_files(self, cfg: DictConfig, pause_module, adapter_names) -> Optional[Dict[str, torch.Tensor]]:

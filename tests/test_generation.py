@@ -80,3 +80,49 @@ def test_last_position_only_gives_the_full_outputs_last_logits(model, tokenizer)
                                                                                     **kwargs)):
         assert fast.tokens == slow.tokens and fast.probe_prob == pytest.approx(slow.probe_prob, abs=1e-4)
         assert fast.probe_prob is not None
+
+
+def test_single_query_attention_is_the_attention_of_a_decoding_step_in_bf16():
+    """torchtune_patches.single_query_attention: one query per row in bf16 on the CPU goes through two
+    matmuls (torch's CPU flash kernel is slow there), within bf16 rounding of the fp32 attention;
+    everything else still goes to torchtune's SDPA call; greedy_generate's decoding steps use it."""
+    import torch.nn.functional as F
+
+    from torchtune.modules import MultiHeadAttention
+    from torchtune_blah.torchtune_patches import single_query_attention
+
+    torch.manual_seed(0)
+    model = tiny_llama3().to(torch.bfloat16).eval()
+    layer = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
+    original = layer._attention_call
+    q, k, v = (torch.randn(3, 4, n, 16, dtype=torch.bfloat16) for n in (1, 40, 40))
+    mask = torch.ones(3, 1, 40, dtype=torch.bool)
+    mask[0, :, 30:] = False  # row 0: a cache filled up to 30
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:, None])
+    sdpa = original(q, k, v, mask=mask, dropout_p=0.0, is_causal=False)
+    with single_query_attention(model):
+        ours = layer._attention_call(q, k, v, mask=mask, dropout_p=0.0, is_causal=False)
+        assert layer._attention_call is not original
+        prefill = torch.randn(3, 4, 5, 16, dtype=torch.bfloat16)  # 5 queries: torchtune's call, unchanged
+        assert torch.equal(layer._attention_call(prefill, k, v, mask=mask.expand(3, 5, 40), dropout_p=0.0,
+                                                 is_causal=False),
+                           original(prefill, k, v, mask=mask.expand(3, 5, 40), dropout_p=0.0, is_causal=False))
+    assert layer._attention_call is original  # restored
+    err_ours, err_sdpa = (float((x.float() - reference).abs().max()) for x in (ours, sdpa))
+    assert err_ours < 0.02 and err_sdpa < 0.02, (err_ours, err_sdpa)
+    masked_out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # row 0 ignoring its mask
+    assert float((ours[0].float() - masked_out[0]).abs().max()) > 0.05  # the mask is honoured
+
+    calls = []
+    real = MultiHeadAttention.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self._attention_call.func.__name__ if hasattr(self._attention_call, "func") else "sdpa")
+        return real(self, *args, **kwargs)
+
+    MultiHeadAttention.forward = counting
+    try:
+        greedy_generate(model, [[5, 6, 7, 8], [5, 6, 9]], pad_id=0, stop_ids={1}, max_new_tokens=3)
+    finally:
+        MultiHeadAttention.forward = real
+    assert "attention" in calls  # decoding ran under the patch

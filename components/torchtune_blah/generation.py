@@ -37,7 +37,7 @@ from torchtune.modules.common_utils import local_kv_cache
 
 from torchtune_blah.chat_format import chat_format
 from torchtune_blah.pause import NO_PAUSE, PauseTokens, mask_pause_logits
-from torchtune_blah.torchtune_patches import unembed_last_position
+from torchtune_blah.torchtune_patches import single_query_attention, unembed_last_position
 
 
 def stop_token_ids(tokenizer, extra: Optional[Iterable[int]] = None) -> Set[int]:
@@ -117,7 +117,7 @@ def greedy_generate(
             prefix_kv = [(c.k_cache, c.v_cache) for c in kv_caches(model)]
     out = [Generation(tokens=[], stopped=False) for _ in prompts]
     with local_kv_cache(model, batch_size=batch, device=device, dtype=dtype, decoder_max_seq_len=total), \
-            unembed_last_position(model):
+            unembed_last_position(model), single_query_attention(model):
         fill_prefix(model, prefix_kv, shared)
         logits = last_logits(model(tokens[:, shared:], mask=masks[:, shared:prompt_len],
                                    input_pos=positions[:, shared:prompt_len]))

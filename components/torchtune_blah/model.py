@@ -10,6 +10,7 @@ from torchtune.modules.peft import get_adapter_params
 
 from torchtune_blah.pause import PauseEmbedding, PauseTokens, add_pause_embeddings
 from torchtune_blah.run_dir import STAGES, RunDir
+from torchtune_blah.torchtune_patches import rms_norm_fp32_weight
 
 
 def build_model(
@@ -130,5 +131,6 @@ def load_run_model(
         for module in model.modules():
             if hasattr(module, "disabled") and callable(getattr(module, "adapter_params", None)):
                 module.disabled = True
+    rms_norm_fp32_weight(model)  # (torchtune_patches: the fused kernel, the same output)
     model.eval()
     return model, pause

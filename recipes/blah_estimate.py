@@ -47,7 +47,12 @@ from torchtune_blah.pause import PAUSE_PARAM, as_pause_tokens
 from torchtune_blah.prompt_prefix import prompt_cut
 from torchtune_blah.recipe_config import check_phases
 from torchtune_blah.run_dir import PHASES
-from torchtune_blah.torchtune_patches import contiguous_output_chunks, unembed_last_position, uses_chunked_output
+from torchtune_blah.torchtune_patches import (
+    contiguous_output_chunks,
+    unembed_last_position,
+    unembed_positions,
+    uses_chunked_output,
+)
 
 log = utils.get_logger("INFO")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -167,9 +172,17 @@ class BlahEstimateRecipe:
         start = batch["start"] if cut else 0
         ignore = torch.full((tokens.shape[0], 1), _IGNORE, device=self._device)
         num_tokens = (labels != _IGNORE).sum()
-        with prompt_cut(self._model, tokens, start, shared=0) as rest:
+        shifted = torch.hstack((labels[..., 1:], ignore))[:, start:]
+        # logits_only_where_loss (blah_qlora's default): the reply's positions only, which _batch puts
+        # last in every row, so a slice names them (a boolean mask would give fake tensors an unknown size)
+        reply = self._opts["reply_tokens"]
+        keep = (slice(tokens.shape[1] - reply - 1 - start, tokens.shape[1] - 1 - start)
+                if self._cfg.get("logits_only_where_loss", True) else None)
+        with prompt_cut(self._model, tokens, start, shared=0) as rest, \
+                unembed_positions(self._model, keep) if keep is not None else nullcontext():
             logits = rest() if rest is not None else self._model(tokens)
-            shifted = torch.hstack((labels[..., 1:], ignore))[:, start:]
+            if keep is not None:
+                shifted = shifted[:, keep].reshape(1, -1)
             if not isinstance(logits, list):
                 shifted = shifted.reshape(-1)
                 logits = logits.reshape(-1, logits.size(-1))

@@ -79,13 +79,18 @@ def test_bad_input_names_the_key_before_anything_is_built(overrides, key):
 
 
 def test_a_longer_sequence_needs_more_activation_memory_and_flops():
+    every_position = {"logits_only_where_loss": False}  # the output projection scales with the length too
     short, = BlahEstimateRecipe(_cfg(layers=1, phases=["lora"], validation=None,
-                                     tokenizer={"max_seq_len": 128})).run()[:1]
+                                     tokenizer={"max_seq_len": 128}, **every_position)).run()[:1]
     long, = BlahEstimateRecipe(_cfg(layers=1, phases=["lora"], validation=None,
-                                    tokenizer={"max_seq_len": 512})).run()[:1]
+                                    tokenizer={"max_seq_len": 512}, **every_position)).run()[:1]
     # (Both also hold a transient bf16 copy of the NF4 output projection: 1 GB whatever the length.)
     assert long.activations > short.activations + 100 * 2 ** 20 and long.flops > 3.5 * short.flops
     assert long.parameters == short.parameters and long.optimizer_state == short.optimizer_state
+    # blah_qlora's default: logits for the reply's positions only, less work and memory at the same length
+    only, = BlahEstimateRecipe(_cfg(layers=1, phases=["lora"], validation=None,
+                                    tokenizer={"max_seq_len": 512})).run()[:1]
+    assert only.flops < 0.8 * long.flops and only.activations <= long.activations  # (the peak is elsewhere here)
 
 
 @pytest.mark.slow

@@ -34,10 +34,13 @@ def test_import_reads_every_source_once(eval_output, tmp_path):
     gen = synthetic_generations(tmp_path / "generations.jsonl", 10)
     assert db.import_items(read_items(gen)) == 10
     assert db.progress() == {"total": 34, "reviewed": 0, "skipped": 0, "overlap": 1, "agreement": None}
-    # queue order: review_queue.jsonl's order for the evaluated items
+    # queue order: review_queue.jsonl's order for the evaluated items, and over everything imported the
+    # same key (invalid JSON first, then the least confident; the generations' rows compete too)
     queue = [json.loads(line)["id"] for line in (eval_output / "review_queue.jsonl").read_text().splitlines()]
+    assert [it.qid for it in sorted(items, key=lambda it: it.priority)][:len(queue)] == queue
+    everything = items + read_items(gen)
     first = db.next_item("ana")
-    assert first.item["qid"] == queue[0] or first.item["qid"] in queue[:3]
+    assert first.item["qid"] == min(everything, key=lambda it: it.priority).qid
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ that says which patch and which version, instead of changing something it does n
 
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -96,10 +96,11 @@ def unembed_last_position(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def unembed_positions(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+def unembed_positions(model: nn.Module, keep: Union[torch.Tensor, slice]) -> Iterator[None]:
     """Within: the model unembeds (final norm + output projection) only the positions where ``keep``
     ([b, s] bool, s the positions the forward returns) is true, gathered into one row: the output is
     [1, n, vocab], or chunks of it, for the n kept positions in row-major order (``labels[keep]``).
+    A ``slice`` keeps the same positions of every row (no data-dependent shape, for fake tensors).
 
     The loss is taken on the reply only (~25 of ~375 positions in the SmolLM2 demo's batches);
     unembedding every position costs the output projection and its backward for all of them
@@ -108,7 +109,10 @@ def unembed_positions(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
     reads only ~7% of. The norm is per position, so the kept positions' logits are the same."""
     model = _decoder(model, "unembed_positions")
     unembed = model.unembed
-    model.unembed = lambda h: unembed(h[keep].unsqueeze(0))  # a gather: contiguous, one row
+    if isinstance(keep, slice):  # the same positions in every row (blah_estimate's fake batches)
+        model.unembed = lambda h: unembed(h[:, keep].reshape(1, -1, h.shape[-1]))
+    else:
+        model.unembed = lambda h: unembed(h[keep].unsqueeze(0))  # a gather: contiguous, one row
     try:
         yield
     finally:

@@ -35,6 +35,7 @@ def lora_step_flops(cfg: dict, first: int, last: int):
     """(FLOPs, supervised tokens) of the lora phase's batches first..last-1 under ``cfg`` (a dict)."""
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
+    from torchtune import utils
 
     from torchtune_blah.recipes.blah_qlora import BlahQLoRARecipe
 
@@ -50,6 +51,7 @@ def lora_step_flops(cfg: dict, first: int, last: int):
             break
         if i < first:
             continue
+        utils.batch_to_device(batch, recipe._device)
         tokens += int((batch["labels"] != recipe._loss_fn.ignore_index).sum())
         with FlopCounterMode(display=False) as counter:
             recipe._loss_step(batch, ignore).backward()

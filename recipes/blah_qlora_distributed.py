@@ -7,8 +7,8 @@
 # model up on the meta device as on one GPU, the object shards it (one unit per transformer layer,
 # per custom_sharded_layers entry, and the root), loads each rank's shards, and does the
 # collectives; each rank reads every world_size-th sample, and rank 0 writes every file. To
-# change the loop, `tune cp blah_qlora`: your copy runs under `tune run --nproc_per_node N my_recipe.py` once its recipe_main does
-# what this one does.
+# change the loop, `tune cp blah_qlora`: your copy runs under
+# `tune run --nproc_per_node N my_recipe.py` once its recipe_main does what this one does.
 
 import sys
 

@@ -42,7 +42,7 @@ from torchtune_blah.estimate import (CARDS_GB, CUDA_ALLOWANCE_GIB, GPU_PEAK_TFLO
                                      fewer_layers, format_table, gradient_bytes, is_bnb_8bit, measure,
                                      ShapesOnlyTokenizer, storage_bytes, tensors_without_device_on_meta)
 from torchtune_blah.generation import last_logits
-from torchtune_blah.model import adapter_parameter_names, build_model
+from torchtune_blah.model import CHECKPOINT_PREFIX, adapter_parameter_names, build_model
 from torchtune_blah.pause import PAUSE_PARAM, as_pause_tokens
 from torchtune_blah.prompt_prefix import prompt_cut
 from torchtune_blah.recipe_config import check_phases
@@ -55,7 +55,6 @@ from torchtune_blah.torchtune_patches import (
 )
 
 log = utils.get_logger("INFO")
-_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 _IGNORE = -100
 
 
@@ -132,13 +131,13 @@ class BlahEstimateRecipe:
         self._loss_fn = config.instantiate(cfg.loss) if cfg.get("loss") else torch.nn.CrossEntropyLoss()
         if uses_chunked_output(self._loss_fn):
             contiguous_output_chunks(self._model, self._loss_fn.num_output_chunks)
-        self._adapter_names = [n.replace(_CHECKPOINT_PREFIX, "") for n in adapter_parameter_names(self._model)]
+        self._adapter_names = [n.replace(CHECKPOINT_PREFIX, "") for n in adapter_parameter_names(self._model)]
         self._vocab = self._model.tok_embeddings.num_embeddings
         self._num_layers = len(self._model.layers)
         self._parameters = storage_bytes(list(self._model.parameters()) + list(self._model.buffers()))
 
     def _named_parameters(self) -> Dict[str, torch.nn.Parameter]:
-        return {n.replace(_CHECKPOINT_PREFIX, ""): p for n, p in self._model.named_parameters()}
+        return {n.replace(CHECKPOINT_PREFIX, ""): p for n, p in self._model.named_parameters()}
 
     def _set_trainable(self, phase: str, train_pause: bool) -> List[torch.nn.Parameter]:
         wanted = set(self._adapter_names) if phase == "lora" else set()

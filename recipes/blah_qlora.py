@@ -53,7 +53,13 @@ from torchtune_blah.config_schema import QLoRAConfig
 from torchtune_blah.eval.metrics import official_metrics, llama_squad_metrics
 from torchtune_blah.eval.run import Answerer, run_prompts
 from torchtune_blah.prompt_prefix import first_pause_position, prompt_cut
-from torchtune_blah.model import TOK_EMBEDDINGS, adapter_parameter_names, fresh_lora_weights, lora_settings
+from torchtune_blah.model import (
+    CHECKPOINT_PREFIX,
+    TOK_EMBEDDINGS,
+    adapter_parameter_names,
+    fresh_lora_weights,
+    lora_settings,
+)
 from torchtune_blah.parallel import Parallel, SingleDevice
 from torchtune_blah.pause import (
     PAUSE_PARAM,
@@ -79,7 +85,6 @@ from torchtune_blah.torchtune_patches import (
 )
 
 log = utils.get_logger("INFO")
-_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 __all__ = ["BlahQLoRARecipe", "Config", "TrainingStopped", "run_recipe"]
 
@@ -197,7 +202,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
         self._model, self._pause_module = self._setup_model(cfg, base_state_dict)
         del base_state_dict
         # By state-dict names: activation checkpointing puts its wrapper into named_parameters()
-        self._adapter_names = [n.replace(_CHECKPOINT_PREFIX, "") for n in adapter_parameter_names(self._model)]
+        self._adapter_names = [n.replace(CHECKPOINT_PREFIX, "") for n in adapter_parameter_names(self._model)]
         if "lora" in self._phases:
             self._lora_settings = lora_settings(self._model)
         self._activations_ctx = training.get_act_offloading_ctx_manager(
@@ -331,7 +336,7 @@ class BlahQLoRARecipe(FTRecipeInterface):
     def _named_parameters(self) -> Dict[str, torch.nn.Parameter]:
         """Parameters by their state-dict names: activation checkpointing wraps each layer and
         puts ``_checkpoint_wrapped_module.`` into ``named_parameters()``, not into the state dict."""
-        return {name.replace(_CHECKPOINT_PREFIX, ""): p for name, p in self._model.named_parameters()}
+        return {name.replace(CHECKPOINT_PREFIX, ""): p for name, p in self._model.named_parameters()}
 
     def _log_metrics(self, metrics: Dict[str, Any], step: int) -> None:
         if self._is_rank_zero:

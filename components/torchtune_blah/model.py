@@ -42,6 +42,8 @@ def build_model(
 
 
 TOK_EMBEDDINGS = "tok_embeddings.weight"  # the base embedding table, by its state-dict name
+# activation checkpointing wraps each layer and puts this into named_parameters(), not into the state dict
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 def fresh_lora_weights(model: nn.Module, dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 
 from torchtune_blah.checkpointing import rng_state, set_rng_state
 from torchtune_blah.config_schema import ConfigError
+from torchtune_blah.model import CHECKPOINT_PREFIX
 
 def init_process_group(device: Any) -> None:
     """Join the process group torchrun describes, one rule for every recipe: NCCL for CUDA tensors
@@ -150,10 +151,7 @@ class FSDP2:
             cpu_offload=self._cpu_offload,
             reshard_after_forward=self._reshard_after_forward,
         )
-        with training.set_default_dtype(dtype), device:
-            for m in model.modules():
-                if hasattr(m, "rope_init"):
-                    m.rope_init()
+        _rope_caches(model, device, dtype)
         _, unexpected = training.load_from_full_model_state_dict(
             model, dict(state_dict), device, cpu_offload=self._cpu_offload)
         _check_loaded(model, unexpected)
@@ -232,15 +230,12 @@ class FSDP2:
         self._dist.destroy_process_group()
 
 
-_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, in named_parameters()
-
-
 def _meta_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The model's parameters and buffers by their state-dict names (no ``model.state_dict()``:
     torchtune's QLoRA builders hook it to dequantize NF4 weights, which a meta tensor cannot)."""
     tensors = dict(model.named_buffers())
     tensors.update(model.named_parameters())
-    return {name.replace(_CHECKPOINT_PREFIX, ""): t for name, t in tensors.items()}
+    return {name.replace(CHECKPOINT_PREFIX, ""): t for name, t in tensors.items()}
 
 
 def _check_loaded(model: torch.nn.Module, unexpected) -> None:
@@ -249,6 +244,14 @@ def _check_loaded(model: torch.nn.Module, unexpected) -> None:
     if still_meta or unexpected:
         raise RuntimeError(f"the base checkpoint does not fit model._component_: no values for {still_meta[:5]}, "
                            f"unexpected {list(unexpected)[:5]}")
+
+
+def _rope_caches(model: torch.nn.Module, device, dtype) -> None:
+    """The RoPE caches (non-persistent buffers, left on meta by a meta-device build), computed on ``device``."""
+    with training.set_default_dtype(dtype), device:
+        for m in model.modules():
+            if hasattr(m, "rope_init"):
+                m.rope_init()
 
 
 def _materialise_the_rest(model: torch.nn.Module, device, dtype) -> None:
@@ -260,9 +263,7 @@ def _materialise_the_rest(model: torch.nn.Module, device, dtype) -> None:
                 if t is not None and not t.is_meta and t.device != device:
                     store[name] = (torch.nn.Parameter(t.to(device), requires_grad=t.requires_grad)
                                    if isinstance(t, torch.nn.Parameter) else t.to(device))
-        if hasattr(module, "rope_init"):
-            with training.set_default_dtype(dtype), device:
-                module.rope_init()
+    _rope_caches(model, device, dtype)
     on_meta = [n for n, t in _meta_tensors(model).items() if t.is_meta]
     if on_meta:
         raise RuntimeError(f"left on the meta device after loading: {on_meta[:5]}")
